@@ -1,0 +1,159 @@
+"""Attention maps and their self-attention refinement (paper §4.1, eq. 10).
+
+Every function here takes head-split-free tensors as the WebUIs hand them over:
+queries and keys are ``[rows, tokens, heads * dim_head]``. All arithmetic is fp32; results
+come back in the dtype and on the device of the input maps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+
+REFINE_MODES = ("official", "paper", "none")
+
+# Above this many bytes for one materialised head-averaged self-attention map (all rows), the
+# refinement streams over query chunks instead. 64 MiB holds SD1.5 and SDXL's 32x32 level easily
+# (2 rows x 1024^2 x 4 B = 8 MiB) and keeps SDXL's 64x64 level (2 x 4096^2 x 4 B = 128 MiB) streamed.
+DEFAULT_BUDGET_BYTES = 64 * 2**20
+
+
+def power_weights(mode: str, steps: int = 4) -> list[float]:
+    """Weights w_r of the refined map  C' = Σ_r w_r · S^r · C  for r = 1, 2, ...
+
+    ``paper``    (eq. 10): w_r = 1/R for r = 1..R.
+    ``official`` (the authors' code): (S + 3·S²)/4 whatever R is, since their loop recomputes
+                 S@S instead of raising the power.
+    ``none``     : no refinement, C' = C (an empty list).
+    """
+    if mode == "official":
+        return [0.25, 0.75]
+    if mode == "paper":
+        if steps < 1:
+            raise ValueError(f"refinement steps must be >= 1, got {steps}")
+        return [1.0 / steps] * steps
+    if mode == "none":
+        return []
+    raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
+
+
+def refine_with(apply_self: Callable[[torch.Tensor], torch.Tensor], cross_attn: torch.Tensor,
+                weights: list[float]) -> torch.Tensor:
+    """Σ_r w_r · S^r · C computed as repeated products Y_r = S · Y_{r-1}, never S·S (eq. 10)."""
+    if not weights:
+        return cross_attn
+    refined = torch.zeros_like(cross_attn)
+    y = cross_attn
+    for w in weights:
+        y = apply_self(y)
+        refined.add_(y, alpha=w)
+    return refined
+
+
+def refine(self_attn: torch.Tensor, cross_attn: torch.Tensor, steps: int = 4,
+           mode: str = "official") -> torch.Tensor:
+    """Refine cross-attention with self-attention (eq. 10), dense form.
+
+    self_attn:  [rows, N, N] head-averaged self-attention probabilities S.
+    cross_attn: [rows, N, L] head-averaged cross-attention probabilities C.
+    Returns C' [rows, N, L] in ``cross_attn``'s dtype.
+    """
+    weights = power_weights(mode, steps)
+    s = self_attn.float()
+    out = refine_with(lambda y: torch.bmm(s, y), cross_attn.float(), weights)
+    return out.to(cross_attn.dtype)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[rows, T, heads*d] -> [rows, heads, T, d] in fp32."""
+    return rearrange(x.float(), "b t (h d) -> b h t d", h=heads)
+
+
+def _query_chunk(rows: int, heads: int, n_keys: int, budget_bytes: int) -> int:
+    """How many queries fit one fp32 per-head logits block [rows, heads, chunk, n_keys]."""
+    per_query = rows * heads * n_keys * 4
+    return max(1, budget_bytes // max(per_query, 1))
+
+
+def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """mean_h softmax(q_h · k_hᵀ · scale): head-averaged attention probabilities.
+
+    q: [rows, N, heads*d], k: [rows, T, heads*d]  ->  [rows, N, T] fp32.
+    Per-head probabilities exist only for a chunk of queries at a time.
+    """
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    if scale is None:
+        scale = qh.shape[-1] ** -0.5
+    rows, _, n, _ = qh.shape
+    out = qh.new_empty(rows, n, kh.shape[2])
+    chunk = _query_chunk(rows, heads, kh.shape[2], budget_bytes)
+    kt = kh.transpose(-1, -2)
+    for i in range(0, n, chunk):
+        logits = torch.matmul(qh[:, :, i:i + chunk], kt).mul_(scale)
+        out[:, i:i + chunk] = logits.softmax(-1).mean(1)
+    return out
+
+
+def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor, scale: float,
+                           chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Y ↦ S·Y with S = mean_h softmax(q_h k_hᵀ·scale), recomputing S in query chunks."""
+    def apply(y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(y)
+        for i in range(0, qh.shape[2], chunk):
+            probs = torch.matmul(qh[:, :, i:i + chunk], kt).mul_(scale).softmax(-1).mean(1)
+            out[:, i:i + chunk] = torch.bmm(probs, y)
+        return out
+    return apply
+
+
+def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, heads: int,
+                    scale: float | None = None, steps: int = 4, mode: str = "official",
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """Refine cross-attention (eq. 10) from the self-attention's queries and keys.
+
+    q, k:       [rows, N, heads*d] self-attention queries and keys of one block.
+    cross_attn: [rows, N, L] head-averaged cross-attention probabilities of the same block.
+    Never holds an N×N map larger than ``budget_bytes``: when S for all rows fits, it is built
+    once (query-chunked) and reused for every power; otherwise each product S·Y recomputes S
+    chunk by chunk. Returns [rows, N, L] in ``cross_attn``'s dtype.
+    """
+    weights = power_weights(mode, steps)
+    if not weights:
+        return cross_attn
+    rows, n, _ = q.shape
+    if n * n * rows * 4 <= budget_bytes:
+        s = head_mean_probs(q, k, heads, scale, budget_bytes)
+        out = refine_with(lambda y: torch.bmm(s, y), cross_attn.float(), weights)
+        return out.to(cross_attn.dtype)
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scale = qh.shape[-1] ** -0.5 if scale is None else scale
+    chunk = _query_chunk(rows, heads, n, budget_bytes)
+    apply_self = _streamed_self_product(qh, kh.transpose(-1, -2), scale, chunk)
+    return refine_with(apply_self, cross_attn.float(), weights).to(cross_attn.dtype)
+
+
+def peak_bytes(rows: int, n: int, heads: int, context: int,
+               budget_bytes: int = DEFAULT_BUDGET_BYTES) -> int:
+    """Upper bound of the extra memory one block's refinement holds at once (for VRAM reservation)."""
+    maps = 3 * rows * n * context * 4  # C, Y and the running sum
+    dense = rows * n * n * 4
+    return maps + (dense if dense <= budget_bytes else 0) + min(budget_bytes, rows * heads * n * n * 4)
+
+
+def grid_factor(height: int, width: int, n: int, max_factor: int = 64) -> tuple[int, int] | None:
+    """The (h, w) of a UNet level with n tokens for a latent of height×width, if any.
+
+    Downsampling convs round up, so level f has ceil(H/f)·ceil(W/f) tokens; the product falls
+    strictly with f, so at most one f matches.
+    """
+    f = 1
+    while f <= max_factor:
+        h, w = math.ceil(height / f), math.ceil(width / f)
+        if h * w == n:
+            return h, w
+        f *= 2
+    return None

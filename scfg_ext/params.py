@@ -1,0 +1,210 @@
+"""S-CFG parameters: defaults, validation, and the infotext round trip.
+
+The field order of ``FIELDS`` is the order of the script's ``ui()`` components and so of the
+positional API args; never reorder it, only append.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .attention import REFINE_MODES
+from .segment import PRESETS, REGIONS
+
+HIRES_MODES = ("same", "off", "own")
+INFOTEXT_PREFIX = "S-CFG"  # incantations writes "SCFG ..." keys; ours must never collide
+
+
+class ScfgParamError(ValueError):
+    """A parameter outside its allowed values; the message names it and the allowed range."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    default: object
+    label: str  # infotext key suffix
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("enabled", False, ""),
+    Field("strength", 1.0, "strength", 0.0, 3.0),
+    Field("preset", "official", "preset", choices=PRESETS),
+    Field("steps", 4, "R", 1, 8),
+    Field("region", "foreground", "region", choices=REGIONS),
+    Field("min_rate", 0.8, "min rate", 0.0, 5.0),
+    Field("max_rate", 3.0, "max rate", 0.0, 10.0),
+    Field("max_scale", 15.0, "max scale", 1.0, 100.0),
+    Field("start", 0.0, "start", 0.0, 1.0),
+    Field("end", 1.0, "end", 0.0, 1.0),
+    Field("levels", "auto", "levels"),
+    Field("hires", "same", "hires", choices=HIRES_MODES),
+    Field("hires_strength", 1.0, "hires strength", 0.0, 3.0),
+    Field("hires_min_rate", 0.8, "hires min rate", 0.0, 5.0),
+    Field("hires_max_rate", 3.0, "hires max rate", 0.0, 10.0),
+    Field("show_maps", False, "show maps"),
+)
+FIELD_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class ScfgParams:
+    enabled: bool = False
+    strength: float = 1.0
+    preset: str = "official"
+    steps: int = 4
+    region: str = "foreground"
+    min_rate: float = 0.8
+    max_rate: float = 3.0
+    max_scale: float = 15.0
+    start: float = 0.0
+    end: float = 1.0
+    levels: str = "auto"
+    hires: str = "same"
+    hires_strength: float = 1.0
+    hires_min_rate: float = 0.8
+    hires_max_rate: float = 3.0
+    show_maps: bool = False
+
+    @property
+    def refine_mode(self) -> str:
+        return self.preset if self.preset in REFINE_MODES else "official"
+
+    def for_hires(self) -> ScfgParams | None:
+        """The parameters of the hires-fix pass: the same, none (off), or the hires values."""
+        if self.hires == "off":
+            return None
+        if self.hires == "same":
+            return self
+        return dataclasses.replace(self, strength=self.hires_strength,
+                                   min_rate=self.hires_min_rate, max_rate=self.hires_max_rate)
+
+    def active_at(self, progress: float) -> bool:
+        """Whether a step at ``progress`` (0 = first, 1 = last) is inside [start, end]."""
+        return self.start <= progress <= self.end
+
+    def level_factors(self) -> tuple[int, ...] | None:
+        """Explicit downsample factors, or None for the per-architecture default."""
+        return parse_levels(self.levels)
+
+
+def parse_levels(text: str) -> tuple[int, ...] | None:
+    """"auto" -> None; "4,8" -> (4, 8). Factors must be powers of two from 1 to 64."""
+    text = str(text).strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        values = tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 or v > 64 or v & (v - 1) for v in values):
+        raise ScfgParamError(
+            f"S-CFG parameter 'levels' must be 'auto' or comma-separated downsample factors "
+            f"from 1, 2, 4, 8, 16, 32, 64 (e.g. '4,8'), got {text!r}")
+    return values
+
+
+def _coerce(field: Field, value):
+    """One value to the field's type, or ScfgParamError naming the field and its range."""
+    default = field.default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes", "on")
+            if not isinstance(value, (bool, int, float)):
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            number = float(value)
+            if number != int(number):
+                raise ValueError(value)
+            value = int(number)
+        elif isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = float(value)
+        else:
+            value = str(value).strip()
+    except (TypeError, ValueError):
+        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}") from None
+    if field.choices is not None and value not in field.choices:
+        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}")
+    if field.low is not None and not (field.low <= value <= field.high):
+        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}")
+    return value
+
+
+def _allowed(field: Field) -> str:
+    if field.choices is not None:
+        return f"must be one of {', '.join(map(str, field.choices))}"
+    if field.low is not None:
+        return f"must be in [{field.low}, {field.high}]"
+    return f"must be a {type(field.default).__name__}"
+
+
+def make_params(**values) -> ScfgParams:
+    """Validated parameters from keyword values; unknown names are an error."""
+    unknown = set(values) - set(FIELD_BY_NAME)
+    if unknown:
+        raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
+                             f"known: {', '.join(FIELD_BY_NAME)}")
+    clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items() if v is not None}
+    params = ScfgParams(**clean)
+    parse_levels(params.levels)
+    for low, high in (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end")):
+        if getattr(params, low) > getattr(params, high):
+            raise ScfgParamError(f"S-CFG parameter '{low}' ({getattr(params, low)}) must not exceed "
+                                 f"'{high}' ({getattr(params, high)})")
+    return params
+
+
+def from_script_args(args: tuple | list) -> ScfgParams:
+    """Parameters from the script's positional args, or from one dict (the API's named form).
+
+    Missing trailing args take their defaults, as A1111 fills them for the API.
+    """
+    if len(args) == 1 and isinstance(args[0], dict):
+        return make_params(**args[0])
+    if len(args) > len(FIELDS):
+        raise ScfgParamError(f"S-CFG takes at most {len(FIELDS)} positional args "
+                             f"({', '.join(f.name for f in FIELDS)}), got {len(args)}")
+    return make_params(**{f.name: v for f, v in zip(FIELDS, args, strict=False)})
+
+
+def infotext_key(field: Field) -> str:
+    return f"{INFOTEXT_PREFIX} {field.label}" if field.label else INFOTEXT_PREFIX
+
+
+def to_infotext(params: ScfgParams) -> dict[str, str]:
+    """Every parameter as infotext key/value pairs (written only for enabled runs)."""
+    out = {}
+    for field in FIELDS:
+        if field.name == "enabled":
+            out[infotext_key(field)] = "True"
+            continue
+        value = getattr(params, field.name)
+        out[infotext_key(field)] = str(value)
+    return out
+
+
+def from_infotext(pairs: dict[str, str]) -> ScfgParams:
+    """Parameters from parsed infotext; keys that are absent take their defaults.
+
+    An infotext without the "S-CFG" key means S-CFG was off.
+    """
+    if INFOTEXT_PREFIX not in pairs:
+        return ScfgParams()
+    values = {f.name: pairs[infotext_key(f)] for f in FIELDS if infotext_key(f) in pairs}
+    values["enabled"] = pairs[INFOTEXT_PREFIX]
+    return make_params(**values)
+
+
+def param_names() -> list[str]:
+    return [f.name for f in fields(ScfgParams)]

@@ -1,0 +1,204 @@
+"""Semantic segmentation of the latent from refined cross-attention (paper §4.1, eq. 9 and 14).
+
+Two presets:
+
+``official``  reproduces the authors' code: each layer's map is upsampled (bilinear) to the mask
+              grid, smoothed with their 3×3 kernel (reflect padding), divided by its spatial mean per
+              token, and the layers are averaged. The foreground compares two channels of the
+              smoothed, un-normalised maps, [START, sum of every other position], each divided by its
+              spatial mean; a pixel is background where START ≥ rest.
+``paper``     follows eq. 9 and 14 as printed: layers averaged after upsampling, one spatial
+              renormalisation per token (eq. 9), argmax; the background is the region the START
+              token wins in that same argmax (eq. 14).
+
+Token regions come from an argmax over all L positions; exact ties go to the first position, so
+the regions always partition the pixels (the authors' ``== max`` gives overlapping regions at ties,
+which only happen on duplicated tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+PRESETS = ("official", "paper")
+REGIONS = ("foreground", "mean")
+TOKENS_PER_CHUNK = 77  # [START] + 75 words + [END]; each 75-token chunk is encoded on its own
+EPS = 1e-8  # the authors' guard in every spatial mean
+
+
+def official_kernel_1d(dtype=torch.float32, device=None) -> torch.Tensor:
+    """The authors' 3-tap "σ = 0.5" Gaussian: exp(-((x-μ)/(2σ))²), i.e. an effective σ of 0.707."""
+    x = torch.arange(3, dtype=dtype, device=device) - 1.0
+    g = torch.exp(-((x / (2 * 0.5)) ** 2))
+    return g / g.sum()
+
+
+def smooth3x3(maps: torch.Tensor) -> torch.Tensor:
+    """Separable 3×3 smoothing of [B, C, h, w] with reflect padding (replicate on 1-pixel axes)."""
+    g = official_kernel_1d(maps.dtype, maps.device)
+    b, c, h, w = maps.shape
+    mode = "reflect" if min(h, w) >= 2 else "replicate"
+    x = F.pad(maps.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode=mode)
+    x = F.conv2d(x, g.view(1, 1, 1, 3))
+    x = F.conv2d(x, g.view(1, 1, 3, 1))
+    return x.view(b, c, h, w)
+
+
+def spatial_normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Each channel of [B, C, h, w] divided by its spatial mean (eq. 9 up to the constant h·w)."""
+    return maps / (maps.mean((-2, -1), keepdim=True) + EPS)
+
+
+def start_positions(context_len: int, chunk: int = TOKENS_PER_CHUNK) -> list[int]:
+    """START positions of a context made of 77-token chunks: 0, 77, 154, ..."""
+    return list(range(0, context_len, chunk))
+
+
+def to_grid(maps: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N, L] maps of a (h, w) layer -> [B, L, *grid], bilinear, resized by size not factor."""
+    h, w = size
+    x = rearrange(maps.float(), "b (h w) l -> b l h w", h=h, w=w)
+    if (h, w) != tuple(grid):
+        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+    return x
+
+
+def start_vs_rest(maps: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """[B, L, h, w] -> [B, 2, h, w]: the summed START channels and the sum of all other positions."""
+    start = maps[:, starts].sum(1, keepdim=True)
+    return torch.cat([start, maps.sum(1, keepdim=True) - start], 1)
+
+
+@dataclass
+class FusedMaps:
+    """Layer-fused maps of some attention rows on the mask grid.
+
+    tokens: [B, L, h, w]  official: mean over layers of per-layer normalised smoothed maps;
+                          paper: mean over layers of the upsampled maps.
+    start_rest: [B, 2, h, w] official only: mean over layers of the normalised [START, rest].
+    uniform: [B] bool, True where every layer's map was uniform over tokens (zero context).
+    """
+    tokens: torch.Tensor
+    start_rest: torch.Tensor | None
+    uniform: torch.Tensor
+
+
+class LayerFusion:
+    """Running fusion over attention layers (one call per layer), so no layer's map is kept."""
+
+    def __init__(self, preset: str, grid: tuple[int, int], starts: list[int]):
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        self.preset, self.grid, self.starts = preset, tuple(grid), starts
+        self.tokens = self.start_rest = self.uniform = None
+        self.layers = 0
+
+    def add(self, maps: torch.Tensor, size: tuple[int, int]) -> None:
+        """Fold in one layer's refined maps [B, N, L] of spatial size (h, w)."""
+        flat = maps.float()
+        uniform = (flat.amax(-1) - flat.amin(-1)).amax(-1) <= 1e-6 * flat.amax((-2, -1))
+        x = to_grid(flat, size, self.grid)
+        rest = None
+        if self.preset == "official":
+            x = smooth3x3(x)
+            rest = spatial_normalise(start_vs_rest(x, self.starts))
+            x = spatial_normalise(x)
+        if self.layers == 0:
+            self.tokens, self.start_rest, self.uniform = x, rest, uniform
+        else:
+            self.tokens = self.tokens + x
+            self.start_rest = None if rest is None else self.start_rest + rest
+            self.uniform = self.uniform & uniform
+        self.layers += 1
+
+    def result(self) -> FusedMaps:
+        if self.layers == 0:
+            raise ValueError("no attention layer was fused")
+        n = self.layers
+        return FusedMaps(self.tokens / n, None if self.start_rest is None else self.start_rest / n,
+                         self.uniform)
+
+
+def token_labels(fused: FusedMaps, preset: str) -> torch.Tensor:
+    """Per-pixel winning token position [B, h, w] (argmax, first position on ties)."""
+    maps = fused.tokens if preset == "official" else spatial_normalise(fused.tokens)
+    return maps.argmax(1)
+
+
+def background(fused: FusedMaps, preset: str, starts: list[int]) -> torch.Tensor:
+    """Eq. 14: the region won by START, [B, 1, h, w] bool."""
+    if preset == "official":
+        return fused.start_rest[:, :1] >= fused.start_rest[:, 1:]
+    maps = spatial_normalise(fused.tokens)
+    others = [i for i in range(maps.shape[1]) if i not in set(starts)]
+    start = spatial_normalise(fused.tokens[:, starts].sum(1, keepdim=True))
+    if not others:
+        return torch.ones_like(start, dtype=torch.bool)
+    return start >= maps[:, others].amax(1, keepdim=True)
+
+
+def foreground(cond: FusedMaps, uncond: FusedMaps | None, preset: str, region: str,
+               cond_starts: list[int], uncond_starts: list[int]) -> torch.Tensor:
+    """Benchmark mask m_b [B, 1, h, w] float: eq. 14 from the uncond rows, or all ones ("mean").
+
+    Where an image's uncond attention is uniform (SDXL's all-zero empty negative prompt), its
+    START test says nothing, so that image's foreground comes from its cond row instead.
+    """
+    if region == "mean":
+        return torch.ones_like(cond.tokens[:, :1])
+    if region != "foreground":
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    from_cond = ~background(cond, preset, cond_starts)
+    if uncond is None:
+        return from_cond.float()
+    from_uncond = ~background(uncond, preset, uncond_starts)
+    use_cond = uncond.uniform.view(-1, 1, 1, 1)
+    return torch.where(use_cond, from_cond, from_uncond).float()
+
+
+def one_hot_masks(labels: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, h, w] labels -> [B, L, h, w] float one-hot masks."""
+    return F.one_hot(labels, tokens).permute(0, 3, 1, 2).float()
+
+
+def mask_grid(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The common grid: the largest layer (the authors upsample 8x8 to 16x16)."""
+    return max(sizes, key=lambda s: s[0] * s[1])
+
+
+def fuse(maps: list[torch.Tensor], sizes: list[tuple[int, int]], preset: str,
+         grid: tuple[int, int], starts: list[int]) -> FusedMaps:
+    fusion = LayerFusion(preset, grid, starts)
+    for layer_maps, size in zip(maps, sizes, strict=True):
+        fusion.add(layer_maps, size)
+    return fusion.result()
+
+
+def semantic_masks(cond_maps: list[torch.Tensor], uncond_maps: list[torch.Tensor] | None,
+                   sizes: list[tuple[int, int]], preset: str = "official",
+                   region: str = "foreground", cond_starts: list[int] | None = None,
+                   uncond_starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token regions and foreground of a step (§4.1, eq. 9 and 14).
+
+    cond_maps / uncond_maps: one refined map per layer, [B, N_l, L] / [B, N_l, L_u]; row b of the
+        uncond list belongs to the same image as row b of the cond list.
+    sizes: (h_l, w_l) of each layer, N_l = h_l·w_l.
+    cond_starts / uncond_starts: START positions (default: every 77th position).
+    Returns (token_masks [B, L, h, w], foreground [B, 1, h, w]) on the largest layer's grid, in
+    the maps' dtype.
+    """
+    grid = mask_grid(sizes)
+    cond_starts = cond_starts or start_positions(cond_maps[0].shape[-1])
+    cond = fuse(cond_maps, sizes, preset, grid, cond_starts)
+    uncond = None
+    if uncond_maps is not None:
+        uncond_starts = uncond_starts or start_positions(uncond_maps[0].shape[-1])
+        uncond = fuse(uncond_maps, sizes, preset, grid, uncond_starts)
+    labels = token_labels(cond, preset)
+    fg = foreground(cond, uncond, preset, region, cond_starts, uncond_starts)
+    dtype = cond_maps[0].dtype
+    return one_hot_masks(labels, cond.tokens.shape[1]).to(dtype), fg.to(dtype)

@@ -1,0 +1,110 @@
+"""One denoising step of S-CFG, independent of the host WebUI.
+
+A host adapter feeds ``StepCapture`` the queries and keys its attention layers see, naming the
+rows of its own batch layout, then asks for the rate map of each (cond row, uncond row) pair.
+Each block's self-attention is paired with the same block's cross-attention and refined at once,
+so only small per-row maps on the mask grid outlive a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import DEFAULT_BUDGET_BYTES, head_mean_probs, refine_streamed
+from .guidance import rate_from_labels
+from .params import ScfgParams
+from .segment import FusedMaps, LayerFusion, foreground, start_positions, token_labels
+
+
+class CaptureError(RuntimeError):
+    """The attention seen does not fit the step's layout: S-CFG falls back to plain CFG."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A cond row, the uncond row of the same image, and its effective scale γ·weight."""
+    cond_row: int
+    uncond_row: int
+    scale: float
+
+
+@dataclass
+class StepResult:
+    """What one step produced, for the combiner and for previews (mask grid, low resolution)."""
+    rate: torch.Tensor          # [K, 1, H, W] in the predictions' dtype
+    labels: torch.Tensor        # [K, h, w] winning token position
+    foreground: torch.Tensor    # [K, 1, h, w]
+    fg_from_cond: torch.Tensor  # [K] bool: uncond attention was uniform
+
+
+class StepCapture:
+    """Refined, layer-fused attention maps of one denoising step, keyed by the host's rows."""
+
+    def __init__(self, params: ScfgParams, grid: tuple[int, int], layers: int,
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.params, self.grid, self.layers, self.budget = params, tuple(grid), layers, budget_bytes
+        self._self_qk: dict = {}
+        self._fusions: dict[tuple[int, ...], LayerFusion] = {}
+
+    def self_attention(self, block, rows: tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
+                       heads: int, scale: float | None) -> None:
+        """Keep a block's self-attention q/k until its cross-attention arrives."""
+        if q.shape[0] != len(rows) or k.shape[1] != q.shape[1]:
+            raise CaptureError(f"self-attention of {block}: {q.shape[0]} rows for {len(rows)} expected")
+        self._self_qk[block] = (rows, q, k, heads, scale)
+
+    def cross_attention(self, block, rows: tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
+                        heads: int, scale: float | None, size: tuple[int, int]) -> None:
+        """Refine this block's cross-attention with its self-attention (eq. 10) and fuse it."""
+        stashed = self._self_qk.pop(block, None)
+        if stashed is None or stashed[0] != rows:
+            raise CaptureError(f"cross-attention of {block} without its self-attention rows")
+        if q.shape[1] != size[0] * size[1] or q.shape[0] != len(rows):
+            raise CaptureError(f"cross-attention of {block}: tokens {q.shape[1]} != {size[0]}x{size[1]}")
+        _, q1, k1, heads1, scale1 = stashed
+        cross = head_mean_probs(q, k, heads, scale, self.budget)
+        refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.steps,
+                                  self.params.refine_mode, self.budget)
+        fusion = self._fusions.get(rows)
+        if fusion is None:
+            fusion = LayerFusion(self.params.preset, self.grid, start_positions(k.shape[1]))
+            self._fusions[rows] = fusion
+        fusion.add(refined, size)
+
+    def seen_rows(self) -> set[int]:
+        """Rows for which every target layer was fused."""
+        return {r for rows, f in self._fusions.items() if f.layers == self.layers for r in rows}
+
+    def _gather(self, rows: list[int]) -> tuple[FusedMaps, list[int]]:
+        parts, starts = [], None
+        for row in rows:
+            for key, fusion in self._fusions.items():
+                if row in key and fusion.layers == self.layers:
+                    i = key.index(row)
+                    fused = fusion.result()
+                    parts.append((fused.tokens[i], None if fused.start_rest is None else fused.start_rest[i],
+                                  fused.uniform[i]))
+                    starts = fusion.starts if starts is None else starts
+                    break
+            else:
+                raise CaptureError(f"row {row} was not captured at every target layer")
+        if len({p[0].shape[0] for p in parts}) != 1:
+            raise CaptureError("rows of one kind have different context lengths")
+        tokens = torch.stack([p[0] for p in parts])
+        start_rest = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
+        return FusedMaps(tokens, start_rest, torch.stack([p[2] for p in parts])), starts
+
+    def result(self, pairs: list[Pair], cond: torch.Tensor, uncond: torch.Tensor,
+               params: ScfgParams | None = None) -> StepResult:
+        """Rate maps of ``pairs``; cond/uncond are [K, C, H, W], row k belonging to pairs[k]."""
+        params = params or self.params
+        cond_maps, cond_starts = self._gather([p.cond_row for p in pairs])
+        uncond_maps, uncond_starts = self._gather([p.uncond_row for p in pairs])
+        labels = token_labels(cond_maps, params.preset)
+        fg = foreground(cond_maps, uncond_maps, params.preset, params.region, cond_starts, uncond_starts)
+        scales = torch.tensor([p.scale for p in pairs], dtype=torch.float32)
+        rate = rate_from_labels(labels, fg, cond, uncond, scales, cond_maps.tokens.shape[1],
+                                params.min_rate, params.max_rate, params.max_scale, params.strength)
+        return StepResult(rate, labels, fg, uncond_maps.uniform)
