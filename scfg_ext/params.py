@@ -13,6 +13,7 @@ from .attention import REFINE_MODES
 from .segment import PRESETS, REGIONS
 
 HIRES_MODES = ("same", "off", "own")
+TEST_FAULTS = ("", "cross_attention", "result")
 INFOTEXT_PREFIX = "S-CFG"  # incantations writes "SCFG ..." keys; ours must never collide
 
 
@@ -69,6 +70,9 @@ class ScfgParams:
     hires_min_rate: float = 0.8
     hires_max_rate: float = 3.0
     show_maps: bool = False
+    # Named API form only, for end-to-end tests of the fallback path: "cross_attention" or "result"
+    # makes that stage of every step raise, which must give plain CFG and one warning.
+    test_fault: str = ""
 
     @property
     def refine_mode(self) -> str:
@@ -151,12 +155,15 @@ def _allowed(field: Field) -> str:
 
 def make_params(**values) -> ScfgParams:
     """Validated parameters from keyword values; unknown names are an error."""
+    test_fault = str(values.pop("test_fault", "") or "")
+    if test_fault not in TEST_FAULTS:
+        raise ScfgParamError(f"S-CFG parameter 'test_fault' must be one of {TEST_FAULTS}, got {test_fault!r}")
     unknown = set(values) - set(FIELD_BY_NAME)
     if unknown:
         raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
                              f"known: {', '.join(FIELD_BY_NAME)}")
     clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items() if v is not None}
-    params = ScfgParams(**clean)
+    params = ScfgParams(**clean, test_fault=test_fault)
     parse_levels(params.levels)
     for low, high in (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end")):
         if getattr(params, low) > getattr(params, high):

@@ -58,6 +58,8 @@ class StepCapture:
     def cross_attention(self, block, rows: tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
                         heads: int, scale: float | None, size: tuple[int, int]) -> None:
         """Refine this block's cross-attention with its self-attention (eq. 10) and fuse it."""
+        if self.params.test_fault == "cross_attention":
+            raise RuntimeError("injected test fault in cross_attention")
         stashed = self._self_qk.pop(block, None)
         if stashed is None or stashed[0] != rows:
             raise CaptureError(f"cross-attention of {block} without its self-attention rows")
@@ -100,6 +102,8 @@ class StepCapture:
                params: ScfgParams | None = None) -> StepResult:
         """Rate maps of ``pairs``; cond/uncond are [K, C, H, W], row k belonging to pairs[k]."""
         params = params or self.params
+        if params.test_fault == "result":
+            raise RuntimeError("injected test fault in result")
         cond_maps, cond_starts = self._gather([p.cond_row for p in pairs])
         uncond_maps, uncond_starts = self._gather([p.uncond_row for p in pairs])
         labels = token_labels(cond_maps, params.preset)

@@ -1,0 +1,94 @@
+"""HTTP glue shared by both hosts: the status payload and the API argument check.
+
+The WebUIs catch and log every exception a script raises, so a bad value in ``alwayson_scripts``
+would otherwise only switch S-CFG off silently. ``ApiArgsCheck`` answers such a request with a
+422 naming the parameter and its range before any sampling starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import __version__
+from .params import ScfgParamError, from_script_args
+
+GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+SCRIPT_TITLE = "s-cfg"
+
+
+def api_args_error(payload: dict) -> str | None:
+    """The error message for the S-CFG args of a txt2img/img2img request body, or None."""
+    scripts = payload.get("alwayson_scripts") if isinstance(payload, dict) else None
+    if not isinstance(scripts, dict):
+        return None
+    for title, entry in scripts.items():
+        if str(title).lower() != SCRIPT_TITLE:
+            continue
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, (list, tuple)):
+            return "S-CFG 'args' must be a list (positional, in UI order) or [ {named args} ]"
+        try:
+            from_script_args(list(args))
+        except ScfgParamError as error:
+            return str(error)
+    return None
+
+
+def status_payload(host: str, installed: list[str], last: dict) -> dict:
+    """The body of GET /scfg/v1/status."""
+    return {
+        "version": __version__,
+        "host": host,
+        "hooks_installed": list(installed),
+        "last_run": last["report"].as_dict(),
+        "last_error": last.get("error"),
+    }
+
+
+class ApiArgsCheck:
+    """Pure ASGI middleware: 422 for bad S-CFG args on the generation endpoints, else pass through."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @classmethod
+    def install(cls, app) -> None:
+        """Add to a FastAPI app that may already be serving (rebuilds its stack, as the WebUIs do)."""
+        from starlette.middleware import Middleware
+
+        if any(getattr(m, "cls", None) is cls for m in app.user_middleware):
+            return
+        app.user_middleware.insert(0, Middleware(cls))
+        app.middleware_stack = app.build_middleware_stack()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" \
+                or not scope.get("path", "").endswith(GENERATION_PATHS):
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            error = api_args_error(json.loads(body or b"{}"))
+        except ValueError:
+            error = None  # not JSON: the WebUI's own validation answers
+        if error:
+            content = json.dumps({"detail": error, "error": "ScfgParamError"}).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.body", "body": content})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

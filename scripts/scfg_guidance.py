@@ -1,0 +1,188 @@
+"""S-CFG for AUTOMATIC1111 WebUI and WebUI Forge: UI, infotext, XYZ axes, API args, status route.
+
+This file only speaks to the WebUI's script API. The math is in ``scfg_ext`` and the host hooks in
+``scfg_ext.hosts.a1111`` / ``scfg_ext.hosts.forge``; the host is detected once at import.
+"""
+
+import logging
+
+import gradio as gr
+import modules.scripts as scripts
+from modules import script_callbacks
+
+from scfg_ext import (
+    FIELDS,
+    ScfgParamError,
+    ScfgParams,
+    __version__,
+    from_script_args,
+    make_params,
+    to_infotext,
+)
+from scfg_ext.hosts import adapter, detect_host
+from scfg_ext.params import FIELD_BY_NAME, infotext_key
+from scfg_ext.report import RunReport
+from scfg_ext.webapi import ApiArgsCheck, status_payload
+
+log = logging.getLogger("scfg")
+HOST = detect_host()
+HOOKS = adapter(HOST)
+LAST = {"report": RunReport(host=HOST), "error": None}
+
+TIPS = {
+    "strength": "0 = plain CFG, 1 = the paper's per-region scales, above 1 exaggerates the differences.",
+    "preset": "official: the authors' code ((S+3S²)/4, smoothing). paper: eq. 9, 10 and 14 as printed.",
+    "steps": "R, the number of self-attention powers averaged in the paper preset (eq. 10).",
+    "region": "Benchmark region of eq. 13: the foreground (eq. 14) or the whole image (S-CFG-mean).",
+    "min_rate": "Lowest per-region scale, as a multiple of the CFG scale.",
+    "max_rate": "Highest per-region scale, as a multiple of the CFG scale.",
+    "max_scale": "Cap on the effective CFG scale of any pixel (the authors use 15).",
+    "start": "S-CFG acts from this fraction of the sampling steps on.",
+    "end": "S-CFG acts up to this fraction of the sampling steps.",
+    "levels": "auto (two smallest attention resolutions; latent/4 on SDXL) or downsample factors, e.g. 4,8.",
+    "hires": "Hires-fix pass: same values, off, or the hires values below.",
+    "hires_strength": "Strength in the hires-fix pass (when hires is 'own').",
+    "hires_min_rate": "Min rate in the hires-fix pass (when hires is 'own').",
+    "hires_max_rate": "Max rate in the hires-fix pass (when hires is 'own').",
+    "show_maps": "Add a preview of the token regions, foreground and rate map after each image.",
+}
+
+
+def _component(field, tab):
+    """One gradio control for a parameter field (the portable gradio 3/4 subset)."""
+    elem_id = f"scfg_{field.name}_{tab}"
+    label, info = field.name.replace("_", " ").capitalize(), TIPS.get(field.name)
+    if field.choices is not None:
+        return gr.Radio(choices=list(field.choices), value=field.default, label=label, info=info,
+                        elem_id=elem_id)
+    if isinstance(field.default, bool):
+        return gr.Checkbox(value=field.default, label=label, info=info, elem_id=elem_id)
+    if field.low is not None:
+        step = 1 if isinstance(field.default, int) else 0.05
+        return gr.Slider(minimum=field.low, maximum=field.high, step=step, value=field.default,
+                         label=label, info=info, elem_id=elem_id)
+    return gr.Textbox(value=str(field.default), label=label, info=info, elem_id=elem_id)
+
+
+def _xyz_overrides(p) -> dict:
+    """Values set on p by our X/Y/Z plot axes (p.scfg_<field>)."""
+    return {f.name: getattr(p, f"scfg_{f.name}") for f in FIELDS if hasattr(p, f"scfg_{f.name}")}
+
+
+def _params_for(p, args) -> ScfgParams:
+    params = from_script_args(args)
+    overrides = _xyz_overrides(p)
+    if overrides:
+        values = {f.name: getattr(params, f.name) for f in FIELDS}
+        params = make_params(**{**values, **overrides})
+    return params
+
+
+class Script(scripts.Script):
+    def title(self):
+        return "S-CFG"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        from modules.ui_components import InputAccordion
+
+        tab = "img2img" if is_img2img else "txt2img"
+        controls = []
+        with InputAccordion(False, label="S-CFG", elem_id=f"scfg_{tab}") as enabled:
+            gr.HTML(f'<p class="scfg-note">Semantic-aware CFG (Shen et al., CVPR 2024) '
+                    f'v{__version__} on {HOST}.</p>')
+            by_name = {}
+            for field in FIELDS[1:]:
+                by_name[field.name] = _component(field, tab)
+                controls.append(by_name[field.name])
+        self.infotext_fields = [(enabled, lambda d: "S-CFG" in d)]
+        self.infotext_fields += [(by_name[f.name], infotext_key(f)) for f in FIELDS[1:]]
+        self.paste_field_names = [infotext_key(f) for f in FIELDS]
+        return [enabled, *controls]
+
+    def process(self, p, *args):
+        try:
+            params = _params_for(p, args)
+        except ScfgParamError as error:
+            LAST["error"] = str(error)
+            log.error("S-CFG is off for this generation: %s", error)
+            p.extra_generation_params["S-CFG error"] = str(error)
+            p._scfg = None
+            return
+        LAST["error"] = None
+        if not params.enabled:
+            p._scfg = None
+            return
+        report = RunReport(host=HOST)
+        LAST["report"] = report
+        p._scfg = (params, report)
+        p.extra_generation_params.update(to_infotext(params))
+        p.extra_generation_params["S-CFG warning"] = lambda **_: report.warning_text() or None
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        HOOKS.teardown()
+        state = getattr(p, "_scfg", None)
+        if state is None:
+            return
+        params, report = state
+        if getattr(p, "is_hr_pass", False):
+            params = params.for_hires()
+            if params is None:
+                return
+        reason = HOOKS.unsupported_reason(p)
+        if reason:
+            report.note(reason)
+            return
+        try:
+            HOOKS.setup(p, params, report)
+        except Exception as error:  # never break the user's generation
+            HOOKS.teardown()
+            report.fallback(f"setup failed: {error}", warn=True, exc=error)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        HOOKS.teardown()
+
+    def postprocess(self, p, processed, *args):
+        HOOKS.teardown()
+
+
+def _add_xyz_axes():
+    """Our X/Y/Z plot axes: enable and every numeric or choice control (the Dynamic Thresholding way)."""
+    xyz = next((d.module for d in scripts.scripts_data
+                if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")), None)
+    if xyz is None or any(o.label.startswith("[S-CFG]") for o in xyz.axis_options):
+        return
+    options = [xyz.AxisOption("[S-CFG] Enabled", str, xyz.apply_field("scfg_enabled"),
+                              choices=xyz.boolean_choice(reverse=True))]
+    for field in FIELDS[1:]:
+        if isinstance(field.default, bool) or field.name == "levels":
+            continue
+        label = f"[S-CFG] {field.name.replace('_', ' ').capitalize()}"
+        apply = xyz.apply_field(f"scfg_{field.name}")
+        if field.choices is not None:
+            options.append(xyz.AxisOption(label, str, apply, choices=lambda f=field: list(f.choices)))
+        else:
+            options.append(xyz.AxisOption(label, type(field.default), apply))
+    xyz.axis_options.extend(options)
+
+
+def _on_app_started(demo, app):
+    """GET /scfg/v1/status, and a 422 for S-CFG API args out of range before any sampling starts."""
+    app.add_api_route("/scfg/v1/status", lambda: status_payload(HOST, HOOKS.installed(), LAST),
+                      methods=["GET"])
+    ApiArgsCheck.install(app)
+
+
+def _on_infotext_pasted(infotext, params):
+    """Pasting an S-CFG infotext that lacks some keys (older versions) restores their defaults."""
+    if "S-CFG" not in params:
+        return
+    for field in FIELDS[1:]:
+        params.setdefault(infotext_key(field), str(FIELD_BY_NAME[field.name].default))
+
+
+script_callbacks.on_before_ui(_add_xyz_axes)
+script_callbacks.on_app_started(_on_app_started)
+script_callbacks.on_infotext_pasted(_on_infotext_pasted)
