@@ -69,9 +69,9 @@ def rate_from_labels(labels: torch.Tensor, foreground: torch.Tensor, cond: torch
     lower = torch.minimum(torch.full_like(cap, min_rate), upper)
     rate = torch.minimum(rate.clamp(min_rate, max_rate), cap)
     if smooth:
-        # A convex combination stays within the clamps; clamping again only removes float rounding,
-        # so that r ≡ 1 stays exactly 1.
-        rate = torch.maximum(torch.minimum(smooth3x3(rate), upper), lower)
+        # Smoothing the deviation from plain CFG keeps r ≡ 1 exactly 1; a convex combination stays
+        # inside the clamps, and clamping again only removes float rounding.
+        rate = torch.maximum(torch.minimum(1 + smooth3x3(rate - 1), upper), lower)
     return rate.to(cond.dtype)
 
 

@@ -1,0 +1,403 @@
+"""AUTOMATIC1111 WebUI (v1.10.1) adapter: A1111's CFG callbacks and UNet modules -> ``scfg_ext`` core.
+
+How one sampler call of ``CFGDenoiser.forward`` (modules/sd_samplers_cfg_denoiser.py) is handled:
+
+``on_cfg_denoiser``   read the row layout of ``x_in`` (cond rows 0..n_cond-1 image-major, then the
+                      uncond row n_cond+i of image i) and start a ``StepCapture`` for the step.
+UNet pre-hook         each UNet call covers the next rows of ``x_in``, in order (batched, unbatched
+                      and separate cond/uncond passes alike), so a running offset names its rows.
+transformer pre-hook  the exact (h, w) of each target level (non-square and odd sizes).
+attn1 / attn2 hooks   recompute q and k by calling ``to_q`` / ``to_k`` (LoRA, LLLite, fp8 casts
+                      included) and hand them to the capture with the global row ids.
+``on_cfg_denoised``   rate maps from the core; the cond rows of ``x_out`` are rewritten in place as
+                      u + r·(c − u), so whichever combiner runs next (vanilla, Dynamic
+                      Thresholding, a CFG-rescale patch) yields u + γ·w·r·(c − u).
+
+The callbacks are registered once and stay registered: they do nothing unless ``setup`` installed a
+run for the very ``p`` that the denoiser serves. Hooks and callbacks never raise into A1111: an
+error means plain CFG for that step and one warning per run (``RunReport.fallback``).
+
+Test hook (documented, off by default): when the WebUI process has ``SCFG_TEST_FAULT`` set to a
+comma-separated list of places (``denoiser``, ``unet``, ``transformer``, ``attn1``, ``attn2``,
+``denoised``), a run whose prompt contains ``scfg_test_fault`` raises a RuntimeError at those
+places, to prove the fallback path end to end (tests/e2e/test_a1111.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..guidance import prescale_cond
+from ..levels import mask_grid_for, select_levels
+from ..step import CaptureError, Pair, StepCapture
+
+FAULT_ENV = "SCFG_TEST_FAULT"
+FAULT_MARKER = "scfg_test_fault"
+NO_UNCOND = "no unconditional pass (NGMS / skip early CFG)"
+
+
+@dataclass
+class Target:
+    """One hooked BasicTransformerBlock: its capture id, level and parent SpatialTransformer."""
+    index: int
+    name: str
+    factor: int
+    transformer: torch.nn.Module
+    block: torch.nn.Module
+
+
+@dataclass
+class Call:
+    """One ``CFGDenoiser.forward``: the row layout and what the UNet calls have shown so far."""
+    capture: StepCapture
+    n_rows: int
+    n_cond: int
+    conds_list: list
+    gamma: float
+    hw: tuple
+    offset: int = 0
+    rows: tuple | None = None
+    error: tuple | None = None  # (place, exception): the rest of the step is plain CFG
+
+
+@dataclass
+class Run:
+    """What ``setup`` installed for one sampling pass of one ``p``."""
+    p: object
+    params: object
+    report: object
+    faults: frozenset
+    unet: torch.nn.Module | None = None
+    targets: list = field(default_factory=list)
+    factors: tuple = ()
+    handles: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)
+    call: Call | None = None
+
+
+_run: Run | None = None
+
+
+# ----------------------------------------------------------------------------- interface
+
+def setup(p, params, report) -> bool:
+    """Install this pass's hooks (any previous install is removed first). False: nothing to hook."""
+    teardown()
+    _ensure_callbacks()
+    from modules import shared
+
+    global _run
+    run = Run(p, params, report, _armed_faults(p))
+    if not _hook(run, shared.sd_model.model.diffusion_model):
+        return False
+    _run = run
+    return True
+
+
+def teardown() -> None:
+    """Remove every hook and forget the run; safe at any time, also after an interrupted run."""
+    global _run
+    run, _run = _run, None
+    if run is not None:
+        _unhook(run)
+
+
+def installed() -> list[str]:
+    """The hooks installed right now, by module name (for the status route)."""
+    return list(_run.names) if _run is not None else []
+
+
+def unsupported_reason(p) -> str | None:
+    """Why S-CFG cannot run with the loaded model, or None."""
+    from modules import sd_unet, shared
+
+    model = shared.sd_model
+    if getattr(model, "is_sd3", False):
+        return "S-CFG needs a UNet with cross-attention; SD3 has none"
+    if getattr(model, "cond_stage_key", None) == "edit":
+        return "S-CFG does not support InstructPix2Pix (edit) models"
+    if getattr(sd_unet, "current_unet", None) is not None:
+        return "S-CFG cannot see the attention of a replacement UNet (sd_unet / TensorRT)"
+    if (getattr(p, "extra_generation_params", None) or {}).get("SCFG Active"):
+        return "incantations' S-CFG is active; use only one S-CFG"
+    return None
+
+
+# ----------------------------------------------------------------------------- hooks
+
+def discover(unet) -> list[tuple[int, str, torch.nn.Module]]:
+    """(downsample factor, name, SpatialTransformer) of every attention level, walking the UNet."""
+    found, factor = [], 1
+
+    def scan(block, name):
+        children = list(block) if isinstance(block, torch.nn.Sequential) else [block]
+        for j, child in enumerate(children):
+            if type(child).__name__ == "SpatialTransformer":
+                found.append((factor, f"{name}.{j}", child))
+        return {type(c).__name__ for c in children}
+
+    for i, block in enumerate(unet.input_blocks):
+        if "Downsample" in scan(block, f"input_blocks.{i}"):
+            factor *= 2
+    scan(unet.middle_block, "middle_block")
+    for i, block in enumerate(unet.output_blocks):
+        if "Upsample" in scan(block, f"output_blocks.{i}"):
+            factor //= 2
+    return found
+
+
+def _hook(run: Run, unet) -> bool:
+    """Hook the transformer blocks of the selected levels of ``unet`` and the UNet itself."""
+    from modules import shared
+
+    levels = discover(unet)
+    present = {f for f, _, _ in levels}
+    sdxl = bool(getattr(shared.sd_model, "is_sdxl", False)) and max(present, default=0) <= 4
+    run.factors = select_levels(present, run.params.level_factors(), sdxl=sdxl)
+    run.unet, run.targets = unet, []
+    for factor, name, st in levels:
+        if factor not in run.factors:
+            continue
+        _add(run, name, st.register_forward_pre_hook(_guarded(run, "transformer", _on_transformer)))
+        for j, block in enumerate(st.transformer_blocks):
+            if getattr(block, "disable_self_attn", False):
+                continue  # attn1 is a cross-attention there: no self-attention to refine with
+            target = Target(len(run.targets), f"{name}.transformer_blocks.{j}", factor, st, block)
+            run.targets.append(target)
+            for attn, fn in (("attn1", _on_attn1), ("attn2", _on_attn2)):
+                hook = _guarded(run, attn, functools.partial(fn, target))
+                _add(run, f"{target.name}.{attn}",
+                     getattr(block, attn).register_forward_hook(hook, with_kwargs=True))
+    if not run.targets:
+        _unhook(run)
+        run.report.note(f"S-CFG found no attention at levels {run.params.levels!r} "
+                        f"(this model has {sorted(present)}); S-CFG is off")
+        return False
+    _add(run, "diffusion_model", unet.register_forward_pre_hook(
+        _guarded(run, "unet", _on_unet), with_kwargs=True))
+    return True
+
+
+def _add(run: Run, name: str, handle) -> None:
+    run.handles.append(handle)
+    run.names.append(name)
+
+
+def _unhook(run: Run) -> None:
+    for handle in run.handles:
+        handle.remove()
+    run.handles.clear()
+    run.names.clear()
+
+
+def _guarded(run: Run, place: str, fn):
+    """A hook that works only for the live run's current step and never raises into A1111."""
+    def hook(module, *args):
+        call = run.call
+        if _run is not run or call is None or call.error is not None:
+            return None
+        try:
+            _maybe_fault(run, place)
+            with torch.no_grad():
+                fn(run, call, module, *args)
+        except Exception as e:  # any failure means plain CFG for this step
+            call.error = (place, e)
+        return None
+    return hook
+
+
+def _on_unet(run: Run, call: Call, module, args, kwargs) -> None:
+    """Name the rows of this UNet call: calls cover x_in in row order."""
+    x = args[0] if args else kwargs["x"]
+    if tuple(x.shape[-2:]) != call.hw:
+        raise CaptureError(f"UNet called on {tuple(x.shape[-2:])}, not the latent {call.hw} (tiled?)")
+    if call.offset >= call.n_rows:
+        call.rows = None  # an extra pass after the CFG batch (e.g. PAG): not ours to read
+        return
+    if call.offset + x.shape[0] > call.n_rows:
+        raise CaptureError(f"UNet call of {x.shape[0]} rows at row {call.offset} of {call.n_rows}")
+    call.rows = tuple(range(call.offset, call.offset + x.shape[0]))
+    call.offset += x.shape[0]
+
+
+def _on_transformer(run: Run, call: Call, module, args) -> None:
+    run.sizes[id(module)] = tuple(args[0].shape[-2:])
+
+
+def _tokens(run: Run, call: Call, target: Target, x) -> tuple | None:
+    """The rows of this attention call, or None for a call that is not the main pass."""
+    if call.rows is None or x.shape[0] != len(call.rows):
+        return None  # e.g. ControlNet reference-only's uncond-only attn1 call
+    h, w = run.sizes[id(target.transformer)]
+    if x.shape[1] != h * w:
+        raise CaptureError(f"{target.name}: {x.shape[1]} tokens for a {h}x{w} level (ToMe? StyleAlign?)")
+    return call.rows
+
+
+def _on_attn1(target: Target, run: Run, call: Call, module, args, kwargs, output) -> None:
+    """Self-attention: always k = to_k(x), whatever context other extensions pass in."""
+    x = args[0] if args else kwargs["x"]
+    rows = _tokens(run, call, target, x)
+    if rows is not None:
+        call.capture.self_attention(target.index, rows, module.to_q(x), module.to_k(_hyper(x)),
+                                    module.heads, getattr(module, "scale", None))
+
+
+def _on_attn2(target: Target, run: Run, call: Call, module, args, kwargs, output) -> None:
+    """Cross-attention: k from the context the layer saw, through hypernetworks as A1111 does."""
+    x = args[0] if args else kwargs["x"]
+    context = kwargs.get("context", args[1] if len(args) > 1 else None)
+    rows = _tokens(run, call, target, x)
+    if rows is not None and context is not None:
+        call.capture.cross_attention(target.index, rows, module.to_q(x), module.to_k(_hyper(context)),
+                                     module.heads, getattr(module, "scale", None),
+                                     run.sizes[id(target.transformer)])
+
+
+def _hyper(context):
+    """The context A1111's attention feeds to_k (modules/hypernetworks/hypernetwork.py:373)."""
+    from modules import shared
+    from modules.hypernetworks import hypernetwork
+
+    if not shared.loaded_hypernetworks:
+        return context
+    return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)[0]
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+def on_cfg_denoiser(params) -> None:
+    """Start a step's capture for our ``p``; any other denoiser (ADetailer, xyz) is left alone."""
+    run = _run
+    if run is None:
+        return
+    run.call = None
+    denoiser = params.denoiser
+    if denoiser.p is not run.p:
+        return
+    try:
+        _maybe_fault(run, "denoiser")
+        _follow_model(run)
+        if not run.params.active_at(denoiser.step / denoiser.total_steps) or not run.targets:
+            return
+        if _uncond_skipped(params, denoiser):
+            run.report.fallback(NO_UNCOND)
+            return
+        run.call = _new_call(run, params, denoiser)
+    except Exception as e:
+        _report_error(run, "on_cfg_denoiser", e)
+
+
+def on_cfg_denoised(params) -> None:
+    """Rewrite the cond rows of x_out in place with the step's rate maps (or leave plain CFG)."""
+    run = _run
+    call = run.call if run is not None else None
+    if call is None:
+        return
+    run.call = None
+    try:
+        _maybe_fault(run, "denoised")
+        if call.error is not None:
+            _report_error(run, *call.error)
+        elif call.offset == call.n_cond:
+            run.report.fallback(NO_UNCOND)
+        elif call.offset != call.n_rows:
+            run.report.fallback("the UNet calls did not cover the CFG batch", warn=True)
+        else:
+            _apply(run, call, params.x)
+    except Exception as e:
+        _report_error(run, "on_cfg_denoised", e)
+
+
+def _report_error(run: Run, place: str, e: Exception) -> None:
+    """Plain CFG for the step; one warning per run and kind (the details go to the log)."""
+    if isinstance(e, CaptureError):
+        run.report.fallback("attention layout not understood", warn=True, exc=e)
+    else:
+        run.report.fallback(f"error in {place} ({type(e).__name__})", warn=True, exc=e)
+
+
+def _new_call(run: Run, params, denoiser) -> Call:
+    """The row layout of x_in (sd_samplers_cfg_denoiser.py:202-209) and γ of this step."""
+    extra = denoiser.sampler.sampler_extra_args
+    conds_list, row = [], 0
+    for prompts in extra["cond"].batch:  # one list per image, rows numbered in order
+        conds_list.append([(row + j, c.weight) for j, c in enumerate(prompts)])
+        row += len(prompts)
+    n_rows = params.x.shape[0]
+    if n_rows != row + len(conds_list):
+        raise CaptureError(f"x_in has {n_rows} rows for {row} cond + {len(conds_list)} uncond")
+    hw = tuple(params.x.shape[-2:])
+    capture = StepCapture(run.params, mask_grid_for(*hw, run.factors), len(run.targets))
+    gamma = float(extra["cond_scale"]) * float(denoiser.cond_scale_miltiplier)  # 1/12.5 for CFG++
+    return Call(capture, n_rows, row, conds_list, gamma, hw)
+
+
+def _uncond_skipped(params, denoiser) -> bool:
+    """Whether forward() will skip the uncond pass (cfg_denoiser.py:218-231), to spare the work.
+
+    Row accounting in on_cfg_denoised is the final check; this only avoids capturing for nothing.
+    """
+    from modules.shared import opts
+
+    if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
+        return True
+    s_min = denoiser.sampler.sampler_extra_args.get("s_min_uncond") or 0
+    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min > 0
+                and params.sigma[0] < s_min)
+
+
+def _apply(run: Run, call: Call, x_out) -> None:
+    pairs = [Pair(row, call.n_cond + i, call.gamma * abs(weight))
+             for i, conds in enumerate(call.conds_list) for row, weight in conds]
+    c_rows, u_rows = [p.cond_row for p in pairs], [p.uncond_row for p in pairs]
+    cond, uncond = x_out[c_rows], x_out[u_rows]
+    result = call.capture.result(pairs, cond, uncond)
+    x_out[c_rows] = prescale_cond(cond, uncond, result.rate)  # in place: x_out is not read back
+    run.report.step_applied(result.rate)
+
+
+def _follow_model(run: Run) -> None:
+    """Re-hook when the UNet object changed mid-run (refiner switch, apply_refiner at :160)."""
+    from modules import shared
+
+    unet = shared.sd_model.model.diffusion_model
+    if unet is not run.unet:
+        _unhook(run)
+        run.sizes.clear()
+        _hook(run, unet)
+
+
+def _ensure_callbacks() -> None:
+    """Register the two CFG callbacks unless present (clear_callbacks() on a UI reload drops them)."""
+    from modules import script_callbacks
+
+    for category, register, fn in (("cfg_denoiser", script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
+                                   ("cfg_denoised", script_callbacks.on_cfg_denoised, on_cfg_denoised)):
+        if not any(c.callback is fn for c in script_callbacks.callback_map[f"callbacks_{category}"]):
+            register(fn, name="scfg")
+
+
+# ----------------------------------------------------------------------------- test hook
+
+def _armed_faults(p) -> frozenset:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or FAULT_MARKER not in str(getattr(p, "prompt", "")):
+        return frozenset()
+    return frozenset(s.strip() for s in spec.split(",") if s.strip())
+
+
+def _maybe_fault(run: Run, place: str) -> None:
+    if place in run.faults:
+        raise RuntimeError(f"S-CFG test fault in {place} ({FAULT_ENV})")
+
+
+try:  # register at import inside the WebUI; elsewhere (unit tests, Forge) there is nothing to do
+    _ensure_callbacks()
+except ImportError:
+    pass

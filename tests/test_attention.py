@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scfg_ext import head_mean_probs, power_weights, refine, refine_streamed
+from scfg_ext.attention import grid_factor, split_heads
+
+
+def probs(*shape, seed=0, sharp=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g) * sharp, -1)
+
+
+def reference_head_mean(q, k, heads, scale):
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, -1).mean(1)
+
+
+def test_power_weights():
+    assert power_weights("official") == [0.25, 0.75]
+    assert power_weights("paper", 3) == [1 / 3] * 3
+    assert power_weights("none") == []
+    with pytest.raises(ValueError, match="refine mode"):
+        power_weights("bogus")
+    with pytest.raises(ValueError, match="steps"):
+        power_weights("paper", 0)
+
+
+def test_official_is_s_plus_three_s_squared():
+    s, c = probs(2, 9, 9, seed=1), probs(2, 9, 5, seed=2)
+    expected = (s @ c + 3 * (s @ s) @ c) / 4
+    torch.testing.assert_close(refine(s, c, mode="official"), expected)
+    # R has no effect on the authors' form
+    torch.testing.assert_close(refine(s, c, steps=7, mode="official"), expected)
+
+
+@given(n=st.integers(1, 12), L=st.integers(1, 6), R=st.integers(1, 6), seed=st.integers(0, 99))
+def test_paper_is_mean_of_powers(n, L, R, seed):
+    s, c = probs(1, n, n, seed=seed).double(), probs(1, n, L, seed=seed + 1).double()
+    expected = sum(torch.linalg.matrix_power(s[0], r) @ c[0] for r in range(1, R + 1)) / R
+    torch.testing.assert_close(refine(s, c, steps=R, mode="paper")[0], expected)
+
+
+def test_none_returns_cross_attention():
+    c = probs(1, 4, 3)
+    assert refine(probs(1, 4, 4), c, mode="none") is c
+
+
+def test_refined_rows_stay_distributions():
+    # S is row-stochastic, so every power keeps each pixel's token distribution summing to 1
+    out = refine(probs(3, 16, 16), probs(3, 16, 7), steps=4, mode="paper")
+    torch.testing.assert_close(out.sum(-1), torch.ones(3, 16))
+
+
+@given(rows=st.integers(1, 3), n=st.integers(1, 40), heads=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([2, 8]), seed=st.integers(0, 999))
+def test_head_mean_probs_matches_reference_in_chunks(rows, n, heads, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, n, heads * d, generator=g), torch.randn(rows, 5, heads * d, generator=g)
+    expected = reference_head_mean(q, k, heads, d ** -0.5)
+    for budget in (1, 4 * rows * heads * 5 * 3, 2**30):  # one query, three queries, all at once
+        torch.testing.assert_close(head_mean_probs(q, k, heads, None, budget), expected)
+
+
+@given(rows=st.integers(1, 3), n=st.integers(2, 36), heads=st.sampled_from([1, 3]),
+       L=st.integers(1, 9), mode=st.sampled_from(["official", "paper"]), R=st.integers(1, 5),
+       seed=st.integers(0, 999))
+def test_streamed_equals_dense(rows, n, heads, L, mode, R, seed):
+    """Property 8: the streamed refinement equals the dense one to float tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
+    c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
+    dense = refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
+    materialised = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=2**30)
+    streamed = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=4 * rows * heads * n * 2)
+    torch.testing.assert_close(materialised, dense)
+    torch.testing.assert_close(streamed, dense)
+
+
+def test_streamed_never_builds_a_full_self_map(monkeypatch):
+    """Under a small budget no matmul produces an N×N block: only query chunks."""
+    n, heads, budget = 64, 2, 4 * 2 * 64 * 8  # 8 queries of [heads, N] per chunk
+    seen = []
+    real = torch.matmul
+
+    def spy(a, b):
+        out = real(a, b)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    q = torch.randn(1, n, heads * 4)
+    refine_streamed(q, q.clone(), probs(1, n, 5), heads, None, 4, "paper", budget_bytes=budget)
+    logits = [s for s in seen if s[-1] == n]
+    assert logits and all(s[-2] <= 8 for s in logits)
+
+
+def test_half_precision_in_fp32_inside():
+    q, k = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    c = probs(2, 16, 6)
+    out = refine_streamed(q.half(), k.half(), c.half(), 4, None, 4, "paper")
+    assert out.dtype == torch.float16
+    ref = refine_streamed(q.half().float(), k.half().float(), c.half().float(), 4, None, 4, "paper")
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("h,w", [(64, 64), (64, 96), (125, 125), (65, 17)])
+def test_grid_factor_non_square(h, w):
+    for f in (1, 2, 4, 8):
+        size = (math.ceil(h / f), math.ceil(w / f))
+        assert grid_factor(h, w, size[0] * size[1]) == size
+    assert grid_factor(h, w, 7) is None

@@ -1,0 +1,111 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scfg_ext import (
+    FIELDS,
+    ScfgParamError,
+    ScfgParams,
+    from_infotext,
+    from_script_args,
+    make_params,
+    to_infotext,
+)
+from scfg_ext.params import parse_levels
+from scfg_ext.webapi import api_args_error
+
+
+def test_defaults_are_the_authors():
+    p = ScfgParams()
+    assert (p.enabled, p.preset, p.steps, p.min_rate, p.max_rate, p.max_scale) == \
+        (False, "official", 4, 0.8, 3.0, 15.0)
+    assert [f.name for f in FIELDS] == [n for n in ScfgParams.__dataclass_fields__ if n != "test_fault"]
+    assert all(getattr(p, f.name) == f.default for f in FIELDS)
+
+
+valid = st.fixed_dictionaries({
+    "enabled": st.booleans(),
+    "strength": st.floats(0, 3).map(lambda x: round(x, 3)),
+    "preset": st.sampled_from(["official", "paper"]),
+    "steps": st.integers(1, 8),
+    "region": st.sampled_from(["foreground", "mean"]),
+    "min_rate": st.floats(0, 2).map(lambda x: round(x, 3)),
+    "max_rate": st.floats(2, 10).map(lambda x: round(x, 3)),
+    "max_scale": st.floats(1, 100).map(lambda x: round(x, 3)),
+    "start": st.floats(0, 0.5).map(lambda x: round(x, 3)),
+    "end": st.floats(0.5, 1).map(lambda x: round(x, 3)),
+    "levels": st.sampled_from(["auto", "4", "4,8", "2,4"]),
+    "hires": st.sampled_from(["same", "off", "own"]),
+    "hires_strength": st.floats(0, 3).map(lambda x: round(x, 3)),
+    "show_maps": st.booleans(),
+})
+
+
+@given(valid)
+def test_infotext_round_trip(values):
+    params = make_params(**{**values, "enabled": True})
+    pairs = to_infotext(params)
+    assert all(k.startswith("S-CFG") and not k.startswith("SCFG") for k in pairs)
+    assert from_infotext(pairs) == params
+
+
+@given(valid)
+def test_positional_and_named_args_agree(values):
+    positional = [values.get(f.name, f.default) for f in FIELDS]
+    assert from_script_args(positional) == from_script_args([values]) == make_params(**values)
+
+
+def test_infotext_without_scfg_means_off():
+    assert from_infotext({"Steps": "20"}) == ScfgParams()
+
+
+def test_missing_trailing_args_take_defaults():
+    assert from_script_args([True, 1.5]) == ScfgParams(enabled=True, strength=1.5)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("min_rate", 7, r"'min_rate' must be in \[0.0, 5.0\], got 7"),
+    ("preset", "fancy", "'preset' must be one of official, paper"),
+    ("steps", 2.5, r"'steps' must be in \[1, 8\]"),
+    ("steps", 0, r"'steps' must be in \[1, 8\]"),
+    ("strength", "strong", r"'strength' must be in \[0.0, 3.0\]"),
+    ("enabled", "maybe", "'enabled'"),
+    ("levels", "3", "'levels' must be 'auto' or comma-separated"),
+    ("test_fault", "elsewhere", "'test_fault'"),
+])
+def test_bad_values_name_the_parameter_and_range(name, value, message):
+    with pytest.raises(ScfgParamError, match=message):
+        make_params(**{name: value})
+
+
+def test_inconsistent_pairs_and_unknown_names():
+    with pytest.raises(ScfgParamError, match=r"'min_rate' .* must not exceed 'max_rate'"):
+        make_params(min_rate=2.0, max_rate=1.0)
+    with pytest.raises(ScfgParamError, match=r"'start' .* must not exceed 'end'"):
+        make_params(start=0.8, end=0.2)
+    with pytest.raises(ScfgParamError, match=r"unknown S-CFG parameter\(s\) \['strenght'\]"):
+        from_script_args([{"strenght": 1}])
+    with pytest.raises(ScfgParamError, match="at most 16 positional args"):
+        from_script_args([True] * 17)
+
+
+def test_levels_and_hires_and_window():
+    assert parse_levels("auto") is None and parse_levels(" 8, 4 ") == (4, 8)
+    p = make_params(hires="own", hires_strength=0.5, hires_min_rate=0.9, hires_max_rate=2.0)
+    hr = p.for_hires()
+    assert (hr.strength, hr.min_rate, hr.max_rate) == (0.5, 0.9, 2.0)
+    assert make_params(hires="off").for_hires() is None and p.for_hires() is not p
+    assert make_params(hires="same").for_hires() == make_params(hires="same")
+    w = make_params(start=0.2, end=0.6)
+    assert [w.active_at(x) for x in (0.1, 0.2, 0.6, 0.7)] == [False, True, True, False]
+
+
+def test_api_args_error():
+    args = [True, 1.0, "official", 4, "foreground", 7]
+    body = {"prompt": "x", "alwayson_scripts": {"S-CFG": {"args": args}}}
+    assert "'min_rate' must be in [0.0, 5.0]" in api_args_error(body)
+    named = [{"enabled": True, "max_scale": 20}]
+    assert api_args_error({"alwayson_scripts": {"s-cfg": {"args": named}}}) is None
+    assert api_args_error({"alwayson_scripts": {"ControlNet": {"args": [1, 2, 3]}}}) is None
+    assert api_args_error({"prompt": "no scripts"}) is None
+    assert "must be a list" in api_args_error({"alwayson_scripts": {"S-CFG": {"args": "x"}}})
