@@ -85,26 +85,30 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float |
     q: [rows, N, heads*d], k: [rows, T, heads*d]  ->  [rows, N, T] fp32.
     Per-head probabilities exist only for a chunk of queries at a time.
     """
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    if scale is None:
-        scale = qh.shape[-1] ** -0.5
+    qh, kt = _scaled_queries_and_keys(q, k, heads, scale)
     rows, _, n, _ = qh.shape
-    out = qh.new_empty(rows, n, kh.shape[2])
-    chunk = _query_chunk(rows, heads, kh.shape[2], budget_bytes)
-    kt = kh.transpose(-1, -2)
+    out = qh.new_empty(rows, n, kt.shape[-1])
+    chunk = _query_chunk(rows, heads, kt.shape[-1], budget_bytes)
     for i in range(0, n, chunk):
-        logits = torch.matmul(qh[:, :, i:i + chunk], kt).mul_(scale)
-        out[:, i:i + chunk] = logits.softmax(-1).mean(1)
+        out[:, i:i + chunk] = torch.matmul(qh[:, :, i:i + chunk], kt).softmax(-1).mean(1)
     return out
 
 
-def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor, scale: float,
+def _scaled_queries_and_keys(q, k, heads, scale):
+    """[rows, heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
+    logits) and [rows, heads, d, T] keys, fp32."""
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scale = qh.shape[-1] ** -0.5 if scale is None else scale
+    return qh * scale, kh.transpose(-1, -2)
+
+
+def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor,
                            chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Y ↦ S·Y with S = mean_h softmax(q_h k_hᵀ·scale), recomputing S in query chunks."""
+    """Y ↦ S·Y with S = mean_h softmax(q_h k_hᵀ) (scale folded into q), S recomputed in query chunks."""
     def apply(y: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(y)
         for i in range(0, qh.shape[2], chunk):
-            probs = torch.matmul(qh[:, :, i:i + chunk], kt).mul_(scale).softmax(-1).mean(1)
+            probs = torch.matmul(qh[:, :, i:i + chunk], kt).softmax(-1).mean(1)
             out[:, i:i + chunk] = torch.bmm(probs, y)
         return out
     return apply
@@ -129,10 +133,8 @@ def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, 
         s = head_mean_probs(q, k, heads, scale, budget_bytes)
         out = refine_with(lambda y: torch.bmm(s, y), cross_attn.float(), weights)
         return out.to(cross_attn.dtype)
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    scale = qh.shape[-1] ** -0.5 if scale is None else scale
-    chunk = _query_chunk(rows, heads, n, budget_bytes)
-    apply_self = _streamed_self_product(qh, kh.transpose(-1, -2), scale, chunk)
+    qh, kt = _scaled_queries_and_keys(q, k, heads, scale)
+    apply_self = _streamed_self_product(qh, kt, _query_chunk(rows, heads, n, budget_bytes))
     return refine_with(apply_self, cross_attn.float(), weights).to(cross_attn.dtype)
 
 

@@ -1,0 +1,163 @@
+"""Benchmark of the S-CFG core per denoising step, against the attention it observes.
+
+    python -m scfg_ext.bench [--device cuda] [--configs sd15-512 sdxl-1024] [--batches 1 4]
+
+For each configuration it builds random q/k/v with the real shapes of the observed blocks (rows =
+cond + uncond per image), times torch SDPA on them (what the UNet runs anyway: self- and
+cross-attention of those blocks) and the S-CFG work of one step (the capture of every block and the
+rate map), alternating the two, and prints the ratio from the same run. Peak extra memory is CUDA's
+allocator peak on a GPU; on the CPU it is the growth of the process's peak RSS, measured in a fresh
+subprocess per configuration after the attention baseline has reached its own peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .params import make_params
+from .step import Pair, StepCapture
+
+
+@dataclass(frozen=True)
+class Level:
+    size: tuple[int, int]
+    blocks: int
+    heads: int
+    dim_head: int
+
+
+CONFIGS = {
+    # SD1.5 at 512²: latent 64²; latent/4 (in7, in8, out3-5) and latent/8 (middle), 8 heads × 160.
+    "sd15-512": ((64, 64), [Level((16, 16), 5, 8, 160), Level((8, 8), 1, 8, 160)]),
+    # SDXL at 1024²: latent 128²; latent/4 only: in7, in8, middle, out0-2 × 10 transformer blocks.
+    "sdxl-1024": ((128, 128), [Level((32, 32), 60, 20, 64)]),
+}
+CONTEXT = 77
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_inputs(levels, batch, device, dtype, max_blocks):
+    rows = 2 * batch
+    blocks = []
+    for level in levels:
+        n, inner = level.size[0] * level.size[1], level.heads * level.dim_head
+        for _ in range(min(level.blocks, max_blocks)):
+            x = [torch.randn(rows, t, inner, device=device, dtype=dtype) * 0.3
+                 for t in (n, n, n, CONTEXT, CONTEXT)]
+            blocks.append((level, *x))
+    return blocks
+
+
+def attention_step(blocks):
+    """SDPA self- and cross-attention of the observed blocks, as the UNet runs them."""
+    for level, q, k, qc, kc, vc in blocks:
+        h = level.heads
+
+        def split(t, h=h):
+            return t.unflatten(-1, (h, -1)).transpose(1, 2)
+        F.scaled_dot_product_attention(split(q), split(k), split(k))
+        F.scaled_dot_product_attention(split(qc), split(kc), split(vc))
+
+
+def scfg_step(blocks, latent, batch, params, device, dtype):
+    """One step of S-CFG: capture every observed block, then the rate map of each image."""
+    grid = max((lv.size for lv, *_ in blocks), key=lambda s: s[0] * s[1])
+    capture = StepCapture(params, grid, layers=len(blocks))
+    rows = tuple(range(2 * batch))  # A1111's layout: cond rows, then uncond rows
+    for i, (level, q, k, qc, kc, _) in enumerate(blocks):
+        capture.self_attention(i, rows, q, k, level.heads, None)
+        capture.cross_attention(i, rows, qc, kc, level.heads, None, level.size)
+    c = torch.randn(batch, 4, *latent, device=device, dtype=dtype)
+    u = torch.randn(batch, 4, *latent, device=device, dtype=dtype)
+    return capture.result([Pair(i, batch + i, 7.0) for i in range(batch)], c, u)
+
+
+def measure(config, batch, device, dtype, repeats, max_blocks):
+    latent, levels = CONFIGS[config]
+    blocks = make_inputs(levels, batch, device, dtype, max_blocks)
+    total_blocks = sum(lv.blocks for lv in levels)
+    scale = total_blocks / len(blocks)
+    params = make_params(enabled=True)
+    attention_step(blocks)
+    scfg_step(blocks, latent, batch, params, device, dtype)  # warm-up
+    _sync(device)
+    base_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = {"attention": [], "scfg": []}
+    for _ in range(repeats):  # alternate, so both see the same machine state
+        for name, fn in (("attention", lambda: attention_step(blocks)),
+                         ("scfg", lambda: scfg_step(blocks, latent, batch, params, device, dtype))):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda" and name == "scfg":
+                base_mem = max(base_mem or 0, torch.cuda.max_memory_allocated() - resident)
+    if device.type == "cuda":
+        extra = base_mem
+    else:
+        extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    att, scfg = statistics.median(times["attention"]), statistics.median(times["scfg"])
+    return {"config": config, "batch": batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
+            "blocks_measured": len(blocks), "blocks_total": total_blocks,
+            "attention_ms": att * scale * 1e3, "scfg_ms": scfg * scale * 1e3, "ratio": scfg / att,
+            "extra_mib": extra / 2**20, "extra_mib_per_image": extra / 2**20 / batch}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU by default")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-blocks", type=int, default=None,
+                    help="time at most this many blocks per level and scale the times up (CPU: 6)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one config/batch in this process
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    default_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+    max_blocks = args.max_blocks or (6 if device.type == "cpu" else 10**6)
+    if args.one:
+        config, batch = args.one.split(":")
+        print(json.dumps(measure(config, int(batch), device, dtype, args.repeats, max_blocks)))
+        return
+    print(f"S-CFG core benchmark, {device} {str(dtype).split('.')[-1]}, torch {torch.__version__}, "
+          f"median of {args.repeats} alternating runs")
+    print("| config | batch | blocks timed | attention ms/step | S-CFG ms/step | S-CFG/attention |"
+          " extra peak MiB | per image |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        for batch in args.batches:
+            cmd = [sys.executable, "-m", "scfg_ext.bench", "--one", f"{config}:{batch}",
+                   "--device", args.device, "--repeats", str(args.repeats), "--max-blocks", str(max_blocks)]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            print(f"| {config} | {batch} | {r['blocks_measured']}/{r['blocks_total']} | "
+                  f"{r['attention_ms']:.1f} | {r['scfg_ms']:.1f} | {r['ratio']:.2f}x | "
+                  f"{r['extra_mib']:.1f} | {r['extra_mib_per_image']:.1f} |")
+    print("Times of partly timed configs are scaled to all blocks; memory is what the timed blocks held.")
+
+
+if __name__ == "__main__":
+    main()
