@@ -175,9 +175,10 @@ def make_params(**values) -> ScfgParams:
 def from_script_args(args: tuple | list) -> ScfgParams:
     """Parameters from the script's positional args, or from one dict (the API's named form).
 
-    Missing trailing args take their defaults, as A1111 fills them for the API.
+    Missing trailing args take their defaults, as A1111 fills them for the API. In the named form the
+    WebUI's API still fills the positions after the dict with the UI's defaults; they are ignored.
     """
-    if len(args) == 1 and isinstance(args[0], dict):
+    if args and isinstance(args[0], dict):
         return make_params(**args[0])
     if len(args) > len(FIELDS):
         raise ScfgParamError(f"S-CFG takes at most {len(FIELDS)} positional args "

@@ -59,6 +59,12 @@ def test_infotext_without_scfg_means_off():
     assert from_infotext({"Steps": "20"}) == ScfgParams()
 
 
+def test_named_form_ignores_the_ui_defaults_the_api_appends():
+    defaults = [f.default for f in FIELDS][1:]
+    assert from_script_args([{"enabled": True, "max_rate": 2.0}, *defaults]) == \
+        ScfgParams(enabled=True, max_rate=2.0)
+
+
 def test_missing_trailing_args_take_defaults():
     assert from_script_args([True, 1.5]) == ScfgParams(enabled=True, strength=1.5)
 
