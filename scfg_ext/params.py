@@ -70,8 +70,10 @@ class ScfgParams:
     hires_min_rate: float = 0.8
     hires_max_rate: float = 3.0
     show_maps: bool = False
-    # Named API form only, for end-to-end tests of the fallback path: "cross_attention" or "result"
-    # makes that stage of every step raise, which must give plain CFG and one warning.
+    # Named API form only. api_previews: return the previews as extra images in the API response
+    # (clients that expect N images get N otherwise). test_fault, for end-to-end tests of the
+    # fallback path: "cross_attention" or "result" makes that stage of every step raise.
+    api_previews: bool = False
     test_fault: str = ""
 
     @property
@@ -158,12 +160,13 @@ def make_params(**values) -> ScfgParams:
     test_fault = str(values.pop("test_fault", "") or "")
     if test_fault not in TEST_FAULTS:
         raise ScfgParamError(f"S-CFG parameter 'test_fault' must be one of {TEST_FAULTS}, got {test_fault!r}")
+    api_previews = _coerce(Field("api_previews", False, ""), values.pop("api_previews", False))
     unknown = set(values) - set(FIELD_BY_NAME)
     if unknown:
         raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
                              f"known: {', '.join(FIELD_BY_NAME)}")
     clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items() if v is not None}
-    params = ScfgParams(**clean, test_fault=test_fault)
+    params = ScfgParams(**clean, api_previews=api_previews, test_fault=test_fault)
     parse_levels(params.levels)
     for low, high in (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end")):
         if getattr(params, low) > getattr(params, high):

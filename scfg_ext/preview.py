@@ -8,6 +8,7 @@ and padding as ``None``). Rendering uses PIL and torch only, and the output is d
 from __future__ import annotations
 
 import colorsys
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class PreviewStep:
     foreground: torch.Tensor  # [h, w] 0/1
     rate: torch.Tensor        # [H, W]
     scale: float              # γ of this row, to print the effective range
+    phase: str = ""           # "" for the first pass, "hires" for the hires-fix pass
 
 
 def word_groups(tokens: list[str | None]) -> tuple[list[int], list[str]]:
@@ -102,7 +104,7 @@ def _step_row(s: PreviewStep, groups, colours):
     lo, hi = s.rate.min().item(), s.rate.max().item()
     panels = [_upscaled(region_image(s.labels, groups, colours)), _upscaled(mask_image(s.foreground)),
               _with_scale_bar(_upscaled(heat_image(s.rate, lo, hi)))]
-    captions = [f"step {s.step}/{s.total}: regions", "foreground",
+    captions = [f"{s.phase + ' ' if s.phase else ''}step {s.step}/{s.total}: regions", "foreground",
                 f"rate {lo:.2f} (blue) - {hi:.2f} (red), CFG {s.scale * lo:.1f}-{s.scale * hi:.1f}"]
     return panels, captions
 
@@ -162,3 +164,12 @@ def steps_to_record(total: int, count: int) -> set[int]:
         return set()
     count = min(count, total)
     return {round((i + 1) * total / count) - 1 for i in range(count)}
+
+
+_AND = re.compile(r"\bAND\b")
+_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+
+
+def split_and(prompt: str) -> list[str]:
+    """The sub-prompts of an AND prompt (WebUI composable diffusion), without their ':weight'."""
+    return [_WEIGHT.sub("", part).strip() for part in _AND.split(prompt)]

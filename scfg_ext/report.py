@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .preview import PreviewStep, steps_to_record
+
 log = logging.getLogger("scfg")
 
 
@@ -27,6 +29,9 @@ class RunReport:
     _rate_count: int = 0
     warned: set = field(default_factory=set)
     notes: list = field(default_factory=list)
+    preview_steps: int = 0  # steps to record per sampling pass for previews; 0 records nothing
+    phase: str = ""  # the sampling pass being recorded: "" or "hires"
+    previews: dict = field(default_factory=dict)  # (image, sub-prompt) -> [PreviewStep]
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def step_applied(self, rate: torch.Tensor) -> None:
@@ -37,6 +42,21 @@ class RunReport:
             self.rate_max = hi if self.rate_max is None else max(self.rate_max, hi)
             self._rate_sum += mean
             self._rate_count += 1
+
+    def record(self, step: int, total: int, result, rows: list[tuple[int, int]], scales: list[float]) -> None:
+        """Keep the low-resolution maps of a few steps for previews (nothing when previews are off).
+
+        step: 0-based sampling step; rows[k] = (image index, sub-prompt index) of the result's row k.
+        """
+        if not self.preview_steps or step not in steps_to_record(total, self.preview_steps):
+            return
+        for k, key in enumerate(rows):
+            shot = PreviewStep(step + 1, total, result.labels[k].cpu(), result.foreground[k, 0].cpu(),
+                               result.rate[k, 0].float().cpu(), float(scales[k]), self.phase)
+            with self._lock:
+                steps = self.previews.setdefault(key, [])
+                # second-order samplers evaluate a step twice: keep the later one
+                steps[:] = [s for s in steps if (s.phase, s.step) != (shot.phase, shot.step)] + [shot]
 
     def fallback(self, reason: str, warn: bool = False, exc: BaseException | None = None) -> None:
         """A step that used plain CFG. ``warn`` logs it, once per run and reason."""

@@ -21,6 +21,7 @@ from scfg_ext import (
 )
 from scfg_ext.hosts import adapter, detect_host
 from scfg_ext.params import FIELD_BY_NAME, infotext_key
+from scfg_ext.preview import render, split_and
 from scfg_ext.report import RunReport
 from scfg_ext.webapi import ApiArgsCheck, status_payload
 
@@ -115,7 +116,7 @@ class Script(scripts.Script):
         if not params.enabled:
             p._scfg = None
             return
-        report = RunReport(host=HOST)
+        report = RunReport(host=HOST, preview_steps=_preview_steps() if params.show_maps else 0)
         LAST["report"] = report
         p._scfg = (params, report)
         p.extra_generation_params.update(to_infotext(params))
@@ -127,6 +128,7 @@ class Script(scripts.Script):
         if state is None:
             return
         params, report = state
+        report.phase = "hires" if getattr(p, "is_hr_pass", False) else ""
         if getattr(p, "is_hr_pass", False):
             params = params.for_hires()
             if params is None:
@@ -146,6 +148,60 @@ class Script(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         HOOKS.teardown()
+        state = getattr(p, "_scfg", None)
+        if state is None or not state[1].previews or not processed.images:
+            return  # ADetailer's dummy Processed has no images
+        params, report = state
+        if getattr(p, "is_api", False) and not params.api_previews:
+            return  # API clients that expect N images get N
+        try:
+            _add_previews(p, processed, report)
+        except Exception as error:  # a preview must never cost the user their images
+            log.warning("S-CFG: could not draw the previews: %s", error, exc_info=True)
+
+
+def _preview_steps() -> int:
+    from modules import shared
+
+    return int(getattr(shared.opts, "scfg_preview_steps", 4))
+
+
+def _add_previews(p, processed, report):
+    """Insert each image's preview right after it, with its own infotext line (lists stay aligned)."""
+    from modules import images, shared
+
+    for image in sorted({key[0] for key in report.previews}, reverse=True):
+        position = processed.index_of_first_image + image - p.iteration * p.batch_size
+        if not 0 <= position < len(processed.images):
+            continue
+        prompt = p.all_prompts[image] if image < len(p.all_prompts) else ""
+        panels = []
+        for sub, text in enumerate(split_and(prompt)):
+            steps = report.previews.get((image, sub))
+            if steps:
+                title = f"S-CFG, image {image + 1}, prompt {sub + 1}: {text[:70]}"
+                panels.append(render(steps, HOOKS.prompt_tokens(p, text), title))
+        if not panels:
+            continue
+        preview = _stack(panels)
+        info = f"S-CFG preview of image {image + 1} (regions, foreground, rate map)"
+        processed.images.insert(position + 1, preview)
+        processed.infotexts.insert(position + 1, info)
+        if getattr(shared.opts, "scfg_save_previews", False):
+            images.save_image(preview, p.outpath_samples, "", p.all_seeds[image], prompt,
+                              shared.opts.samples_format, info=info, p=p, suffix="-scfg")
+
+
+def _stack(panels):
+    """AND sub-prompts: their previews one under the other."""
+    from PIL import Image
+
+    out = Image.new("RGB", (max(i.width for i in panels), sum(i.height for i in panels)), (24, 24, 24))
+    y = 0
+    for panel in panels:
+        out.paste(panel, (0, y))
+        y += panel.height
+    return out
 
 
 def _add_xyz_axes():
@@ -175,6 +231,17 @@ def _on_app_started(demo, app):
     ApiArgsCheck.install(app)
 
 
+def _on_ui_settings():
+    from modules import shared
+
+    section = ("scfg", "S-CFG")
+    shared.opts.add_option("scfg_preview_steps", shared.OptionInfo(
+        4, "Steps shown in each S-CFG preview", gr.Slider, {"minimum": 1, "maximum": 12, "step": 1},
+        section=section))
+    shared.opts.add_option("scfg_save_previews", shared.OptionInfo(
+        False, "Save S-CFG previews beside the images (file name suffix -scfg)", section=section))
+
+
 def _on_infotext_pasted(infotext, params):
     """Pasting an S-CFG infotext that lacks some keys (older versions) restores their defaults."""
     if "S-CFG" not in params:
@@ -186,3 +253,4 @@ def _on_infotext_pasted(infotext, params):
 script_callbacks.on_before_ui(_add_xyz_axes)
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_infotext_pasted(_on_infotext_pasted)
+script_callbacks.on_ui_settings(_on_ui_settings)

@@ -63,3 +63,9 @@ def test_steps_to_record_spread_over_the_run():
     assert steps_to_record(20, 4) == {4, 9, 14, 19}
     assert steps_to_record(3, 4) == {0, 1, 2}
     assert steps_to_record(0, 4) == set()
+
+
+def test_split_and_drops_weights():
+    from scfg_ext.preview import split_and
+    assert split_and("a cat :1.2 AND a dog:0.5 AND ANDROID") == ["a cat", "a dog", "ANDROID"]
+    assert split_and("plain") == ["plain"]

@@ -8,6 +8,12 @@ Each adapter module provides the same four functions, which the script in ``scri
 ``teardown()``                remove everything ``setup`` installed; safe to call at any time.
 ``installed()``               a list of strings naming the hooks installed right now.
 ``unsupported_reason(p)``     None, or why S-CFG cannot run on this model (SD3, Flux, edit models).
+``prompt_tokens(p, text)``    the token strings of ``text`` as the model's tokenizer makes them, one
+                              per context position (77 per chunk; None for START, END and padding),
+                              for the preview legend.
+
+While recording previews, adapters call ``report.record(step, total, result, rows, scales)`` after
+each applied step, with ``rows[k] = (image index in the job, AND sub-prompt index)``.
 
 Adapters import their WebUI lazily inside these functions, so that this package imports anywhere.
 """
