@@ -171,7 +171,7 @@ def _add_previews(p, processed, report):
     from modules import images, shared
 
     for image in sorted({key[0] for key in report.previews}, reverse=True):
-        position = processed.index_of_first_image + image - p.iteration * p.batch_size
+        position = processed.index_of_first_image + image
         if not 0 <= position < len(processed.images):
             continue
         prompt = p.all_prompts[image] if image < len(p.all_prompts) else ""

@@ -23,7 +23,13 @@ is taken from Forge's code, only the numbers in its JSON configs are read.
 
 CLI::
 
-    python -m tests.e2e.forge_models --forge /path/to/forge --out model.safetensors [--unet small|full]
+    python -m tests.e2e.forge_models --forge /path/to/forge --out model.safetensors \
+        [--arch sd15|sdxl] [--unet small|full] [--seed N] [--dtype float16|float32]
+
+``--arch sdxl`` writes an SDXL-topology checkpoint (``conditioner.embedders.0/1``
+text encoders at full size, ~1.9 GB in float16); its ``small`` UNet has
+attention at latent/2 (depth 1) and latent/4 (depth 2) plus the middle block,
+the transformer depths Forge files under its SDXL family.
 
 Only ``torch`` and ``safetensors`` are required.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -49,12 +55,12 @@ DEFAULT_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=
                     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
 
 
-def _read_config(forge: Optional[str], sub: str, default: dict) -> dict:
+def _read_config(forge: str | None, sub: str, default: dict, base: str = SD15_DIR) -> dict:
     cfg = dict(default)
     if forge:
-        path = os.path.join(forge, SD15_DIR, sub, "config.json")
+        path = os.path.join(forge, base, sub, "config.json")
         if os.path.exists(path):
-            with open(path, "r", encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
             for k in default:
                 if k in data:
@@ -66,16 +72,16 @@ class _Builder:
     """Collects randomly initialised tensors under a key prefix."""
 
     def __init__(self, gen: torch.Generator, std: float, dtype: torch.dtype):
-        self.sd: Dict[str, torch.Tensor] = {}
+        self.sd: dict[str, torch.Tensor] = {}
         self.gen = gen
         self.std = std
         self.dtype = dtype
 
-    def _randn(self, *shape: int, std: Optional[float] = None) -> torch.Tensor:
+    def _randn(self, *shape: int, std: float | None = None) -> torch.Tensor:
         t = torch.randn(*shape, generator=self.gen, dtype=torch.float32)
         return (t * (self.std if std is None else std)).to(self.dtype)
 
-    def weight(self, key: str, *shape: int, std: Optional[float] = None) -> None:
+    def weight(self, key: str, *shape: int, std: float | None = None) -> None:
         self.sd[key] = self._randn(*shape, std=std)
 
     def zeros(self, key: str, *shape: int) -> None:
@@ -118,6 +124,25 @@ def add_clip_text(b: _Builder, prefix: str, cfg: dict) -> None:
     b.norm(p + "final_layer_norm", d)
 
 
+def add_open_clip_text(b: _Builder, prefix: str, cfg: dict) -> None:
+    """OpenCLIP (ViT-bigG/14 text tower for SDXL) in open_clip's own names."""
+    d, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    b.weight(prefix + "token_embedding.weight", cfg["vocab_size"], d)
+    b.weight(prefix + "positional_embedding", cfg["max_position_embeddings"], d, std=0.01)
+    for i in range(cfg["num_hidden_layers"]):
+        lp = f"{prefix}transformer.resblocks.{i}."
+        b.norm(lp + "ln_1", d)
+        b.weight(lp + "attn.in_proj_weight", 3 * d, d)
+        b.zeros(lp + "attn.in_proj_bias", 3 * d)
+        b.linear(lp + "attn.out_proj", d, d)
+        b.norm(lp + "ln_2", d)
+        b.linear(lp + "mlp.c_fc", d, ff)
+        b.linear(lp + "mlp.c_proj", ff, d)
+    b.norm(prefix + "ln_final", d)
+    b.weight(prefix + "text_projection", d, cfg.get("projection_dim", d))
+    b.sd[prefix + "logit_scale"] = torch.tensor(4.6052, dtype=b.dtype)
+
+
 # --------------------------------------------------------------------------- #
 # KL-f8 autoencoder (ldm names)
 # --------------------------------------------------------------------------- #
@@ -143,7 +168,7 @@ def _vae_mid(b: _Builder, p: str, c: int) -> None:
 
 
 def add_vae(b: _Builder, prefix: str, cfg: dict) -> None:
-    chs: List[int] = list(cfg["block_out_channels"])
+    chs: list[int] = list(cfg["block_out_channels"])
     nrb = cfg["layers_per_block"]
     z = cfg["latent_channels"]
     # encoder
@@ -190,9 +215,12 @@ def _unet_resblock(b: _Builder, p: str, cin: int, cout: int, temb: int) -> None:
         b.conv(p + "skip_connection", cin, cout, 1)
 
 
-def _unet_transformer(b: _Builder, p: str, c: int, ctx: int, depth: int) -> None:
+def _unet_transformer(b: _Builder, p: str, c: int, ctx: int, depth: int, linear: bool = False) -> None:
     b.norm(p + "norm", c)
-    b.conv(p + "proj_in", c, c, 1)
+    if linear:  # SD2/SDXL style: proj_in/proj_out are Linear layers
+        b.linear(p + "proj_in", c, c)
+    else:       # SD1 style: 1x1 convolutions
+        b.conv(p + "proj_in", c, c, 1)
     for t in range(depth):
         tp = f"{p}transformer_blocks.{t}."
         for a, kv_dim in (("attn1", c), ("attn2", ctx)):
@@ -204,17 +232,26 @@ def _unet_transformer(b: _Builder, p: str, c: int, ctx: int, depth: int) -> None
         b.linear(tp + "ff.net.2", c * 4, c)
         for n in ("norm1", "norm2", "norm3"):
             b.norm(tp + n, c)
-    b.conv(p + "proj_out", c, c, 1)
+    if linear:
+        b.linear(p + "proj_out", c, c)
+    else:
+        b.conv(p + "proj_out", c, c, 1)
 
 
-def add_unet(b: _Builder, prefix: str, channels: Iterable[int], attn_levels: Iterable[int],
-             nrb: int, ctx: int, cin_lat: int, cout_lat: int, depth: int = 1) -> None:
+def add_unet(b: _Builder, prefix: str, channels: Iterable[int], depths: Iterable[int], nrb: int,
+             ctx: int, cin_lat: int, cout_lat: int, middle_depth: int = 1, linear: bool = False,
+             adm_in: int | None = None) -> None:
+    """ldm ``UNetModel`` weights.  ``depths[level]`` is the number of transformer
+    blocks after each res-block of that level (0: no attention there)."""
     chs = list(channels)
-    attn = set(attn_levels)
+    depths = list(depths)
     mc = chs[0]
     temb = mc * 4
     b.linear(prefix + "time_embed.0", mc, temb)
     b.linear(prefix + "time_embed.2", temb, temb)
+    if adm_in:  # SDXL: pooled text embedding + size/crop conditioning
+        b.linear(prefix + "label_emb.0.0", adm_in, temb)
+        b.linear(prefix + "label_emb.0.2", temb, temb)
     b.conv(prefix + "input_blocks.0.0", cin_lat, mc, 3)
     skip = [mc]
     ch = mc
@@ -224,8 +261,8 @@ def add_unet(b: _Builder, prefix: str, channels: Iterable[int], attn_levels: Ite
             p = f"{prefix}input_blocks.{idx}."
             _unet_resblock(b, p + "0.", ch, cout, temb)
             ch = cout
-            if level in attn:
-                _unet_transformer(b, p + "1.", ch, ctx, depth)
+            if depths[level]:
+                _unet_transformer(b, p + "1.", ch, ctx, depths[level], linear)
             skip.append(ch)
             idx += 1
         if level != len(chs) - 1:
@@ -233,7 +270,7 @@ def add_unet(b: _Builder, prefix: str, channels: Iterable[int], attn_levels: Ite
             skip.append(ch)
             idx += 1
     _unet_resblock(b, prefix + "middle_block.0.", ch, ch, temb)
-    _unet_transformer(b, prefix + "middle_block.1.", ch, ctx, depth)
+    _unet_transformer(b, prefix + "middle_block.1.", ch, ctx, middle_depth, linear)
     _unet_resblock(b, prefix + "middle_block.2.", ch, ch, temb)
     idx = 0
     for level in reversed(range(len(chs))):
@@ -243,8 +280,8 @@ def add_unet(b: _Builder, prefix: str, channels: Iterable[int], attn_levels: Ite
             _unet_resblock(b, p + "0.", ch + skip.pop(), cout, temb)
             ch = cout
             layer = 1
-            if level in attn:
-                _unet_transformer(b, f"{p}{layer}.", ch, ctx, depth)
+            if depths[level]:
+                _unet_transformer(b, f"{p}{layer}.", ch, ctx, depths[level], linear)
                 layer += 1
             if level != 0 and i == nrb:
                 b.conv(f"{p}{layer}.conv", ch, ch, 3)
@@ -253,7 +290,7 @@ def add_unet(b: _Builder, prefix: str, channels: Iterable[int], attn_levels: Ite
     b.conv(prefix + "out.2", ch, cout_lat, 3)
 
 
-def unet_layout(forge: Optional[str], size: str) -> dict:
+def unet_layout(forge: str | None, size: str) -> dict:
     cfg = _read_config(forge, "unet", DEFAULT_UNET)
     full = list(cfg["block_out_channels"])
     attn_levels = [i for i, t in enumerate(cfg["down_block_types"]) if t.startswith("CrossAttn")]
@@ -265,13 +302,14 @@ def unet_layout(forge: Optional[str], size: str) -> dict:
         chans = [full[0]] * len(full)
     else:
         raise ValueError(f"unknown UNet size {size!r}")
-    return dict(channels=chans, attn_levels=attn_levels, nrb=cfg["layers_per_block"],
+    depths = [1 if i in attn_levels else 0 for i in range(len(chans))]
+    return dict(channels=chans, depths=depths, nrb=cfg["layers_per_block"],
                 ctx=cfg["cross_attention_dim"], cin_lat=cfg["in_channels"],
                 cout_lat=cfg["out_channels"])
 
 
-def build_sd15_state_dict(forge: Optional[str] = None, unet: str = "small", seed: int = 0,
-                          std: float = 0.02, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+def build_sd15_state_dict(forge: str | None = None, unet: str = "small", seed: int = 0,
+                          std: float = 0.02, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     b = _Builder(gen, std, dtype)
     add_unet(b, "model.diffusion_model.", **unet_layout(forge, unet))
@@ -280,29 +318,85 @@ def build_sd15_state_dict(forge: Optional[str] = None, unet: str = "small", seed
     return b.sd
 
 
-def write_sd15_checkpoint(out: str, forge: Optional[str] = None, unet: str = "small", seed: int = 0,
-                          std: float = 0.02, dtype: torch.dtype = torch.float16) -> str:
+SDXL_DIR = os.path.join("backend", "huggingface", "stabilityai", "stable-diffusion-xl-base-1.0")
+DEFAULT_TEXT_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                      vocab_size=49408, max_position_embeddings=77, projection_dim=1280)
+DEFAULT_SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2,
+                         cross_attention_dim=2048, in_channels=4, out_channels=4,
+                         transformer_layers_per_block=[1, 2, 10],
+                         down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+                         projection_class_embeddings_input_dim=2816)
+
+
+def sdxl_unet_layout(forge: str | None, size: str) -> dict:
+    cfg = _read_config(forge, "unet", DEFAULT_SDXL_UNET, SDXL_DIR)
+    full = list(cfg["block_out_channels"])
+    tl = cfg["transformer_layers_per_block"]
+    tl = list(tl) if isinstance(tl, (list, tuple)) else [tl] * len(full)
+    kinds = cfg["down_block_types"]
+    full_depths = [d if t.startswith("CrossAttn") else 0 for d, t in zip(tl, kinds, strict=True)]
+    if size == "full":
+        chans, depths, mid = full, full_depths, full_depths[-1]
+    elif size == "small":
+        # Forge maps input transformer depths [0,0,1,1,2,2] (Segmind-Vega-like,
+        # a subclass of its SDXL guess) to the SDXL engine; 320 wide everywhere.
+        chans, depths, mid = [full[0]] * len(full), [0, 1, 2][:len(full)], 1
+    else:
+        raise ValueError(f"unknown UNet size {size!r}")
+    return dict(channels=chans, depths=depths, middle_depth=mid, nrb=cfg["layers_per_block"],
+                ctx=cfg["cross_attention_dim"], cin_lat=cfg["in_channels"], cout_lat=cfg["out_channels"],
+                linear=True, adm_in=cfg["projection_class_embeddings_input_dim"])
+
+
+def build_sdxl_state_dict(forge: str | None = None, unet: str = "small", seed: int = 0,
+                          std: float = 0.02, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """SDXL-topology checkpoint in the original (sgm) names: ``model.diffusion_model.*``,
+    ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L),
+    ``conditioner.embedders.1.model.*`` (OpenCLIP bigG), ``first_stage_model.*``."""
+    gen = torch.Generator().manual_seed(seed)
+    b = _Builder(gen, std, dtype)
+    add_unet(b, "model.diffusion_model.", **sdxl_unet_layout(forge, unet))
+    text_l = _read_config(forge, "text_encoder", DEFAULT_TEXT, SDXL_DIR)
+    text_g = _read_config(forge, "text_encoder_2", DEFAULT_TEXT_G, SDXL_DIR)
+    add_clip_text(b, "conditioner.embedders.0.transformer.", text_l)
+    add_open_clip_text(b, "conditioner.embedders.1.model.", text_g)
+    add_vae(b, "first_stage_model.", _read_config(forge, "vae", DEFAULT_VAE, SDXL_DIR))
+    return b.sd
+
+
+def write_checkpoint(out: str, forge: str | None = None, arch: str = "sd15", unet: str = "small",
+                     seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float16) -> str:
     from safetensors.torch import save_file
 
-    sd = build_sd15_state_dict(forge, unet=unet, seed=seed, std=std, dtype=dtype)
+    build = {"sd15": build_sd15_state_dict, "sdxl": build_sdxl_state_dict}[arch]
+    sd = build(forge, unet=unet, seed=seed, std=std, dtype=dtype)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt", "scfg_test": f"random sd15 unet={unet} seed={seed}"})
+    # A single metadata entry: safetensors writes a multi-key metadata map in a
+    # per-process random order, which would make the file (and so the model
+    # hash the WebUI reports) differ between otherwise identical runs.
+    save_file(sd, tmp, metadata={"format": "pt"})
     os.replace(tmp, out)
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def write_sd15_checkpoint(out: str, forge: str | None = None, unet: str = "small", seed: int = 0,
+                          std: float = 0.02, dtype: torch.dtype = torch.float16) -> str:
+    return write_checkpoint(out, forge, "sd15", unet, seed, std, dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--forge", help="Forge checkout (reads backend/huggingface/... configs); optional")
     ap.add_argument("--out", required=True, help="output .safetensors path")
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--unet", choices=["small", "full"], default="small")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--std", type=float, default=0.02)
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     args = ap.parse_args(argv)
-    path = write_sd15_checkpoint(args.out, args.forge, unet=args.unet, seed=args.seed,
-                                 std=args.std, dtype=getattr(torch, args.dtype))
+    path = write_checkpoint(args.out, args.forge, arch=args.arch, unet=args.unet, seed=args.seed,
+                            std=args.std, dtype=getattr(torch, args.dtype))
     print(path)
     return 0
 
