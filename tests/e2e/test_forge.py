@@ -1,0 +1,297 @@
+"""End-to-end: S-CFG in a running WebUI Forge, through its HTTP API, judged by its effects.
+
+Set SCFG_FORGE_URL (e.g. http://127.0.0.1:7862) to a Forge started with --api, this extension
+installed and an SD1.x checkpoint loaded (random weights are fine: tests/e2e/forge_models.py).
+Everything is 64x64 with 4 Euler steps and a fixed seed, so the suite runs in minutes on 2 CPU cores.
+Each case compares images pixel by pixel with S-CFG on, off, and with its rate forced to 1
+(min_rate = max_rate = 1, which must give plain CFG bit for bit), and reads GET /scfg/v1/status.
+"""
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from scfg_ext.params import FIELDS, infotext_key
+
+URL = os.environ.get("SCFG_FORGE_URL", "").rstrip("/")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not URL, reason="SCFG_FORGE_URL is not set: the Forge end-to-end suite needs a "
+                                       "running Forge (--api) with this extension and an SD1.x model"),
+]
+
+BASE = dict(prompt="a red apple on a wooden table, a cat", negative_prompt="blurry, ugly", seed=1234,
+            steps=4, width=64, height=64, cfg_scale=7.0, sampler_name="Euler", scheduler="Automatic",
+            batch_size=1, n_iter=1, save_images=False, send_images=True)
+PLAIN_CFG = "CFG scale 1 (no unconditional pass)"
+RATE_ONE = dict(min_rate=1.0, max_rate=1.0)
+DYNTHRES = "DynamicThresholding (CFG-Fix) Integrated"
+PAG = "PerturbedAttentionGuidance Integrated"
+
+
+def call(path, body=None, timeout=900):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(URL + path, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def status():
+    code, body = call("/scfg/v1/status")
+    assert code == 200, body
+    return body
+
+
+def scfg(**values):
+    """alwayson_scripts entry: positional args in FIELDS order (S-CFG enabled unless told)."""
+    values.setdefault("enabled", True)
+    return {"S-CFG": {"args": [values.get(f.name, f.default) for f in FIELDS]}}
+
+
+class Result:
+    def __init__(self, body, report):
+        self.images = [np.asarray(_png(b), dtype=np.int16) for b in body["images"]]
+        self.info = json.loads(body["info"])
+        self.infotext = self.info["infotexts"][0]
+        self.report = report
+
+    @property
+    def image(self):
+        return self.images[0]
+
+
+def _png(b64):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB")
+
+
+def generate(scripts=None, endpoint="txt2img", **overrides):
+    body = {**BASE, **overrides, "alwayson_scripts": {k: v for s in (scripts or []) for k, v in s.items()}}
+    code, answer = call(f"/sdapi/v1/{endpoint}", body)
+    assert code == 200, answer
+    return Result(answer, status()["last_run"])
+
+
+def same(a, b):
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
+def differs(a, b, at_least=0.1):
+    """Mean absolute pixel difference above ``at_least`` (of 255): random-weight models guide weakly."""
+    return a.shape != b.shape or float(np.abs(a - b).mean()) > at_least
+
+
+def applied(result, steps):
+    assert result.report["steps_applied"] == steps, result.report
+    assert not {r: n for r, n in result.report["steps_fallback"].items() if r != PLAIN_CFG}, result.report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forge():
+    try:
+        body = status()
+    except (urllib.error.URLError, OSError) as error:
+        pytest.fail(f"no S-CFG status route at {URL}: {error}")
+    assert body["host"] == "forge", body
+    assert body["hooks_installed"] == []
+
+
+def test_status_route():
+    body = status()
+    assert set(body) >= {"version", "host", "hooks_installed", "last_run", "last_error"}
+    assert body["host"] == "forge" and body["hooks_installed"] == []
+
+
+def test_scfg_changes_the_image_and_rate_one_is_plain_cfg():
+    plain = generate()
+    on = generate([scfg()])
+    one = generate([scfg(**RATE_ONE)])
+    assert differs(on.image, plain.image)
+    applied(on, 4)
+    assert on.report["rate"]["min"] < on.report["rate"]["max"]
+    assert same(one.image, plain.image)
+    applied(one, 4)
+    assert status()["hooks_installed"] == []
+    again = generate()  # S-CFG off again: nothing of the previous runs is left in the model
+    assert same(again.image, plain.image)
+
+
+def test_infotext_holds_every_parameter():
+    result = generate([scfg(strength=1.5, preset="paper", steps=3, min_rate=0.7, levels="4,8")])
+    keys = [infotext_key(f) for f in FIELDS]
+    assert all(f"{k}: " in result.infotext for k in keys), result.infotext
+    assert "S-CFG strength: 1.5" in result.infotext and 'S-CFG levels: "4,8"' in result.infotext
+    assert "S-CFG preset: paper" in result.infotext
+    applied(result, 4)
+
+
+def test_batch_of_two_different_prompts_has_per_image_masks():
+    """Prompt matrix puts "apple" and "apple, cat" in one batch of 2 with the same seed."""
+    matrix = dict(script_name="prompt matrix", script_args=[False, False, "positive", "comma", 0])
+    both = generate([scfg()], prompt="a red apple|a cat", batch_size=2, **matrix)
+    first = generate([scfg()], prompt="a red apple")
+    second = generate([scfg()], prompt="a red apple, a cat")
+    applied(both, 4)
+    images = both.images[-2:]  # the grid comes first
+    assert np.abs(images[0] - first.image).max() <= 2
+    assert np.abs(images[1] - second.image).max() <= 2
+    assert differs(images[0], images[1])
+
+
+def test_and_prompt():
+    prompt = "a red apple AND a cat :0.7"
+    plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
+        generate([scfg(**RATE_ONE)], prompt=prompt)
+    applied(on, 4)
+    assert differs(on.image, plain.image) and same(one.image, plain.image)
+
+
+def test_long_prompt_with_break():
+    prompt = ("a red apple on a wooden table, " * 12) + "BREAK a cat sitting next to it"  # 3 chunks
+    plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
+        generate([scfg(**RATE_ONE)], prompt=prompt)
+    applied(on, 4)
+    assert differs(on.image, plain.image) and same(one.image, plain.image)
+
+
+def test_separate_cond_and_uncond_unet_calls():
+    """5 prompt chunks against 1 cannot be tiled (ratio > 4): Forge runs cond and uncond apart."""
+    prompt = " BREAK ".join(["a red apple", "a wooden table", "a cat", "sunlight", "a window"])
+    plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
+        generate([scfg(**RATE_ONE)], prompt=prompt)
+    applied(on, 4)
+    assert differs(on.image, plain.image) and same(one.image, plain.image)
+
+
+def test_cfg_one_is_plain():
+    plain, on = generate(cfg_scale=1.0), generate([scfg()], cfg_scale=1.0)
+    assert same(on.image, plain.image)
+    assert on.report["steps_applied"] == 0 and on.report["steps_fallback"] == {PLAIN_CFG: 4}
+
+
+def test_skip_early_cfg():
+    settings = dict(override_settings={"skip_early_cond": 0.3}, steps=6)  # steps 0 and 1 at CFG 1
+    try:
+        plain, on, one = generate(**settings), generate([scfg()], **settings), \
+            generate([scfg(**RATE_ONE)], **settings)
+    finally:  # the WebUI does not restore an option that was still at its default
+        assert call("/sdapi/v1/options", {"skip_early_cond": 0.0})[0] == 200
+    assert "Skip Early CFG" in on.infotext
+    assert on.report["steps_applied"] == 4 and on.report["steps_fallback"] == {PLAIN_CFG: 2}, on.report
+    assert not same(on.image, plain.image) and same(one.image, plain.image)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 56)])
+def test_non_square_and_odd_sizes(size):
+    width, height = size
+    plain, on, one = generate(width=width, height=height), generate([scfg()], width=width, height=height), \
+        generate([scfg(**RATE_ONE)], width=width, height=height)
+    assert on.image.shape == (height, width, 3)
+    applied(on, 4)
+    assert differs(on.image, plain.image) and same(one.image, plain.image)
+
+
+HIRES = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
+             denoising_strength=0.6, hr_cfg=7.0, hr_additional_modules=["Use same choices"])
+# (Forge API defaults: hires CFG 1, and a 500 error without hr_additional_modules)
+
+
+def test_hires_fix():
+    plain = generate(**HIRES)
+    on = generate([scfg()], **HIRES)
+    off = generate([scfg(hires="off")], **HIRES)
+    own = generate([scfg(hires="own", hires_min_rate=1.0, hires_max_rate=1.0)], **HIRES)
+    assert on.image.shape == (96, 96, 3)
+    assert on.report["steps_applied"] > 4 and off.report["steps_applied"] == 4
+    assert differs(on.image, plain.image) and differs(off.image, plain.image)
+    assert own.report["rate"]["max"] > 1.0  # first pass acted; hires pass had rate 1
+    assert "S-CFG hires: off" in off.infotext and status()["hooks_installed"] == []
+
+
+def _png_b64(image):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_img2img_and_inpaint(inpaint):
+    init = _png_b64(generate().image)
+    extra = dict(init_images=[init], denoising_strength=0.75)
+    if inpaint:
+        mask = np.zeros((64, 64, 3), np.uint8)
+        mask[16:48, 16:48] = 255
+        extra.update(mask=_png_b64(mask), inpainting_fill=1, inpaint_full_res=False, mask_blur=0)
+    plain = generate(endpoint="img2img", **extra)
+    on = generate([scfg()], endpoint="img2img", **extra)
+    one = generate([scfg(**RATE_ONE)], endpoint="img2img", **extra)
+    applied(on, 4)
+    applied(one, 4)
+    assert differs(on.image, plain.image)
+    if not inpaint:  # Forge re-noises the masked latent with the unseeded global RNG every step,
+        assert same(one.image, plain.image)  # so two plain inpaint runs differ already
+
+
+def test_dynamic_thresholding_pag_and_scfg_all_act():
+    """S-CFG chains DynThres's cfg function and leaves PAG's per-pass ("middle", 0) patch in force.
+
+    128x128 so that PAG's middle-block self-attention has more than one token to perturb.
+    """
+    dyn = {DYNTHRES: {"args": [True, 7.0, 1.0, "Constant", 0.0, "Constant", 0.0, 1.0, "enable", "MEAN",
+                               "AD", 1.0]}}
+    pag = {PAG: {"args": [True, 30.0, 0.0, 0.0, 1.0]}}
+    settings = dict(cfg_scale=15.0, width=128, height=128)
+    everything = generate([scfg(), dyn, pag], **settings)
+    applied(everything, 4)
+    assert "dynthres_enabled: True" in everything.infotext and "pagi_enabled: True" in everything.infotext
+    for without in ([dyn, pag], [scfg(), pag], [scfg(), dyn]):  # leave out each one in turn
+        assert differs(generate(without, **settings).image, everything.image, 0.05), without
+    chained_one = generate([scfg(**RATE_ONE), dyn, pag], **settings)
+    assert same(chained_one.image, generate([dyn, pag], **settings).image)
+
+
+def test_interrupt_leaves_nothing_installed():
+    plain = generate()
+    done = {}
+
+    def run():
+        done["result"] = call("/sdapi/v1/txt2img", {**BASE, "steps": 200, "alwayson_scripts": scfg()})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (status()["hooks_installed"]
+                                          and call("/sdapi/v1/progress")[1]["state"]["sampling_step"] >= 2):
+        time.sleep(0.5)
+    assert status()["hooks_installed"], "S-CFG hooks should be installed while sampling"
+    call("/sdapi/v1/interrupt", {})
+    worker.join(600)
+    assert done["result"][0] == 200
+    report = status()
+    assert report["hooks_installed"] == [] and 2 <= report["last_run"]["steps_applied"] < 200
+    assert same(generate().image, plain.image)
+
+
+@pytest.mark.parametrize("fault", ["cross_attention", "result"])
+def test_injected_fault_gives_plain_cfg_and_one_warning(fault):
+    plain = generate()
+    faulty = generate([{"S-CFG": {"args": [{"enabled": True, "test_fault": fault}]}}])
+    assert "S-CFG error" not in faulty.infotext, faulty.infotext
+    assert same(faulty.image, plain.image)
+    assert faulty.report["steps_applied"] == 0 and sum(faulty.report["steps_fallback"].values()) == 4
+    assert len(faulty.report["steps_fallback"]) == 1 and "injected test fault" in faulty.infotext
+    assert status()["hooks_installed"] == []
