@@ -187,18 +187,34 @@ class UnetPatcher:
         self.extra_preserved_memory_during_sampling += n
 
 
+class ConditionCrossAttn:
+    """Forge's: contexts concatenate when their lengths' LCM is at most 4 times the shorter one."""
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def can_concat(self, other):
+        a, b = self.cond.shape[1], other.cond.shape[1]
+        return math.lcm(a, b) // min(a, b) <= 4
+
+
+def cond_equal_size(c1, c2):
+    return c1.keys() == c2.keys() and all(c1[k].can_concat(c2[k]) for k in c1)
+
+
 def calc_cond_uncond_batch(model, cond, uncond, x, sigma, options, max_chunks=None):
-    """Forge's batching: chunks in reversed to_run order, split by memory, contexts tiled to the LCM."""
-    entries = [(c, 0) for c in cond] + [(u, 1) for u in (uncond or [])]
-    order = list(reversed(range(len(entries))))
-    groups = [order[i:i + (max_chunks or len(order))] for i in range(0, len(order), max_chunks or len(order))]
+    """Forge's batching: the entries that concatenate with the first one left, highest index first,
+    at most ``max_chunks`` per UNet call (memory), contexts tiled to the LCM."""
+    to_run = [(c, 0) for c in cond] + [(u, 1) for u in (uncond or [])]
     out = {0: torch.zeros_like(x), 1: torch.zeros_like(x)}
     count = {0: torch.full_like(x, 1e-37), 1: torch.full_like(x, 1e-37)}
-    for group in groups:
-        chosen = [entries[i] for i in group]
-        lengths = [c["model_conds"]["c_crossattn"].shape[1] for c, _ in chosen]
+    while to_run:
+        fits = [i for i, (c, _) in enumerate(to_run)
+                if cond_equal_size(c["model_conds"], to_run[0][0]["model_conds"])][::-1]
+        chosen = [to_run.pop(i) for i in fits[:max_chunks or len(fits)]]
+        lengths = [c["model_conds"]["c_crossattn"].cond.shape[1] for c, _ in chosen]
         lcm = math.lcm(*lengths)
-        ctx = torch.cat([c["model_conds"]["c_crossattn"].repeat(1, lcm // n, 1)
+        ctx = torch.cat([c["model_conds"]["c_crossattn"].cond.repeat(1, lcm // n, 1)
                          for (c, _), n in zip(chosen, lengths, strict=True)])
         to = dict(options.get("transformer_options", {}))
         to["cond_or_uncond"] = [label for _, label in chosen]
@@ -248,8 +264,13 @@ def fake_forge(monkeypatch):
     backend.nn = types.ModuleType("backend.nn")
     backend.nn.unet = types.ModuleType("backend.nn.unet")
     backend.nn.unet.IntegratedUNet2DConditionModel = IntegratedUNet2DConditionModel
+    backend.sampling = types.ModuleType("backend.sampling")
+    backend.sampling.sampling_function = types.ModuleType("backend.sampling.sampling_function")
+    backend.sampling.sampling_function.cond_equal_size = cond_equal_size
     for name, module in (("backend", backend), ("backend.attention", backend.attention),
-                         ("backend.nn", backend.nn), ("backend.nn.unet", backend.nn.unet)):
+                         ("backend.nn", backend.nn), ("backend.nn.unet", backend.nn.unet),
+                         ("backend.sampling", backend.sampling),
+                         ("backend.sampling.sampling_function", backend.sampling.sampling_function)):
         monkeypatch.setitem(sys.modules, name, module)
     from scfg_ext.hosts import forge
     yield forge
@@ -271,10 +292,13 @@ def make_p(batch=1, size=(16, 16), steps=4, depth=1, sdxl=False):
 
 
 def conds(batch, seeds=(1,), tokens=TOKENS, strengths=None):
+    """One entry per AND sub-prompt; ``tokens`` may be a list (one length per sub-prompt)."""
     out = []
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
-        entry = {"model_conds": {"c_crossattn": torch.randn(batch, tokens, CTX, generator=g)}}
+        length = tokens[i] if isinstance(tokens, (list, tuple)) else tokens
+        context = torch.randn(batch, length, CTX, generator=g)
+        entry = {"model_conds": {"c_crossattn": ConditionCrossAttn(context)}}
         if strengths:
             entry["strength"] = strengths[i]
         out.append(entry)
@@ -375,8 +399,8 @@ def test_batch_images_are_independent(fake_forge):
     both, _ = run(fake_forge, make_p(batch=2), cond2, uncond2)
     fake_forge.teardown()
     swap = [1, 0]
-    cond_s = [{"model_conds": {"c_crossattn": cond2[0]["model_conds"]["c_crossattn"][swap]}}]
-    uncond_s = [{"model_conds": {"c_crossattn": uncond2[0]["model_conds"]["c_crossattn"][swap]}}]
+    cond_s, uncond_s = ([{"model_conds": {"c_crossattn": ConditionCrossAttn(
+        c[0]["model_conds"]["c_crossattn"].cond[swap])}}] for c in (cond2, uncond2))
     p = make_p(batch=2)
     fake_forge.setup(p, make_params(enabled=True), RunReport())
     swapped = step(p, latent(2)[swap], cond_s, uncond_s)
@@ -393,6 +417,41 @@ def test_and_prompts(fake_forge, strengths):
     fake_forge.teardown()
     split, report = run(fake_forge, p, cond, uncond, max_chunks=2)
     assert report.applied == 1 and not report.fallbacks and not torch.allclose(split, plain)
+
+
+@pytest.mark.parametrize("tokens", [TOKENS, [TOKENS, 5 * TOKENS]])
+def test_and_sub_prompts_keep_their_weights_in_any_order(fake_forge, tokens):
+    """Chunks reach the UNet in Forge's batching order; each must be matched to its own sub-prompt.
+
+    5 x 77 tokens cannot be concatenated with 77, so that sub-prompt runs in a UNet call of its own.
+    """
+    p = make_p()
+    cond, uncond = conds(1, (1, 3), tokens=tokens, strengths=(0.9, 0.3)), conds(1, (2,))
+    results = []
+    for entries, chunks in ((cond, None), (cond[::-1], None), (cond, 1)):
+        report = RunReport(preview_steps=4)
+        fake_forge.setup(p, make_params(enabled=True, strength=3.0), report)
+        results.append(step(p, latent(1), entries, uncond, max_chunks=chunks))
+        assert report.applied == 1 and not report.fallbacks
+        assert set(report.previews) == {(0, 0), (0, 1)}
+        fake_forge.teardown()
+    # (matching the chunks to the wrong sub-prompts moves the result by about 0.1)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(results[2], results[0], rtol=1e-3, atol=1e-4)
+
+
+def test_prompt_tokens():
+    from scfg_ext.hosts import forge
+
+    class Tokenizer:
+        def convert_ids_to_tokens(self, ids):
+            return [f"t{i}</w>" for i in ids]
+
+    chunk = SimpleNamespace(tokens=[49406, 320, 1929, 49407, 49407])
+    engine = SimpleNamespace(tokenize_line=lambda text: ([chunk], 2), id_start=49406, id_end=49407,
+                             id_pad=49407, tokenizer=Tokenizer())
+    p = SimpleNamespace(sd_model=SimpleNamespace(text_processing_engine_l=engine))
+    assert forge.prompt_tokens(p, "a cat") == [None, "t320</w>", "t1929</w>", None, None]
 
 
 def test_long_prompt_tiles_the_uncond(fake_forge):

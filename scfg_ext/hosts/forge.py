@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..attention import grid_factor, peak_bytes
 from ..guidance import correction, prescale_cond
 from ..levels import level_size, mask_grid_for, select_levels
@@ -48,6 +50,17 @@ def unsupported_reason(p) -> str | None:
     if not isinstance(model.forge_objects.unet.model.diffusion_model, IntegratedUNet2DConditionModel):
         return "S-CFG does not apply: this model's diffusion model is not Forge's UNet"
     return None
+
+
+def prompt_tokens(p, text: str) -> list[str | None]:
+    """The CLIP pieces of ``text`` per context position, as Forge's text engine chunks it (SDXL: CLIP-L)."""
+    model = p.sd_model
+    engine = getattr(model, "text_processing_engine", None) or model.text_processing_engine_l
+    chunks, _ = engine.tokenize_line(text)
+    ids = [t for chunk in chunks for t in chunk.tokens]
+    special = {engine.id_start, engine.id_end, engine.id_pad}
+    pieces = engine.tokenizer.convert_ids_to_tokens(ids)
+    return [None if t in special else piece for t, piece in zip(ids, pieces, strict=True)]
 
 
 def setup(p, params: ScfgParams, report: RunReport) -> None:
@@ -110,6 +123,32 @@ def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], int]:
     return found
 
 
+def _cond_order(cond, uncond) -> list[int]:
+    """Which AND sub-prompt each cond chunk is, in the order Forge's UNet calls see them.
+
+    calc_cond_uncond_batch takes the entries that concatenate with the first one left, highest index
+    first, and a memory split only cuts that run into several calls, so the order never depends on it.
+    """
+    from backend.sampling.sampling_function import cond_equal_size
+
+    entries = [c["model_conds"] for c in [*cond, *uncond]]
+    left, order = list(range(len(entries))), []
+    while left:
+        group = [i for i in left if cond_equal_size(entries[i], entries[left[0]])]
+        order += group[::-1]
+        left = [i for i in left if i not in group]
+    return [i for i in order if i < len(cond)]
+
+
+def _weighted(rates, weights):
+    """AND: one rate map per sub-prompt, combined with the weights Forge averages their predictions by."""
+    if len(weights) == 1:
+        return rates[0]
+    w = rates.new_tensor([abs(float(v)) for v in weights])
+    w = w if float(w.sum()) > 0 else torch.ones_like(w)
+    return (rates * w.view(-1, *[1] * (rates.dim() - 1))).sum(0) / w.sum()
+
+
 def _ours(fn) -> bool:
     return getattr(fn, "_scfg", False)
 
@@ -139,7 +178,7 @@ class _Run:
         self.last_key = max(keys, key=lambda k: (("input", "middle", "output").index(k[0]), k[1], k[2]))
         self.hooks: list[str] = []
         self.patches: set = set()  # our attention patches, to check every step that they still apply
-        self.active, self.armed, self.scale, self.edit = True, None, 1.0, 1.0
+        self.active, self.armed, self.scale, self.edit, self.at = True, None, 1.0, 1.0, None
         self._reset(None)
 
     # ----- installation -----------------------------------------------------------------
@@ -226,7 +265,8 @@ class _Run:
                     grid = mask_grid_for(height, width, self.factors)
                     self._reset(StepCapture(self.params, grid, len(self.keys)))
                     self.batch, self.conds, self.scale = x.shape[0], len(cond), scale
-                    edit = sum(c.get("strength", 1) for c in cond)  # as Forge's default combination
+                    self.order, self.weights = _cond_order(cond, uncond), [c.get("strength", 1) for c in cond]
+                    edit = sum(self.weights)  # as Forge's default combination
                     self.edit = 1.0 if math.isclose(edit, 1.0) else edit
             except Exception as error:
                 self.skip = (f"S-CFG failed before the UNet: {error}", True, error)
@@ -237,7 +277,9 @@ class _Run:
         if uncond is None or math.isclose(scale, 1.0):
             return ("CFG scale 1 (no unconditional pass)", False, None)
         denoiser = getattr(getattr(self.p, "sampler", None), "model_wrap_cfg", None)
+        self.at = None
         if denoiser is not None and denoiser.total_steps:
+            self.at = denoiser.step, denoiser.total_steps
             progress = denoiser.step / max(denoiser.total_steps - 1, 1)
             if not self.params.active_at(progress):
                 return ("step outside S-CFG's start/end", False, None)
@@ -254,7 +296,7 @@ class _Run:
         return None
 
     def _rows(self, extra_options, q) -> tuple[int, ...]:
-        """Global row ids of this call: image i of the j-th cond -> j*B + i, of the uncond -> J*B + i."""
+        """Global row ids of this call: image i of AND sub-prompt j -> j*B + i, of the uncond -> J*B + i."""
         labels, batch = extra_options["cond_or_uncond"], self.batch
         if q.shape[0] != batch * len(labels):
             raise CaptureError(f"{q.shape[0]} attention rows for {len(labels)} chunks of {batch} images")
@@ -263,7 +305,7 @@ class _Run:
             if label == COND:
                 if conds >= self.conds:
                     raise CaptureError("more cond chunks than conds in one step")
-                first, conds = conds * batch, conds + 1
+                first, conds = self.order[conds] * batch, conds + 1
             else:
                 first = self.conds * batch
             rows.extend(range(first, first + batch))
@@ -315,15 +357,23 @@ class _Run:
             if chunks != self.conds + 1:
                 raise CaptureError(f"saw {chunks} of {self.conds + 1} cond/uncond chunks")
             batch, conds = self.batch, self.conds
-            pairs = [Pair(j * batch + i, conds * batch + i, scale)
-                     for j in range(conds) for i in range(batch)]
-            result = capture.result(pairs, cond.repeat(conds, 1, 1, 1), uncond.repeat(conds, 1, 1, 1))
-            # AND prompts: one rate map per sub-prompt, against the averaged cond; their mean.
-            rate = result.rate.view(conds, batch, *result.rate.shape[1:]).mean(0)
+            # Forge hands over the AND sub-prompts' predictions averaged: each sub-prompt's rate map
+            # is computed against that average, then they are weighted as the predictions were.
+            results = [capture.result([Pair(j * batch + i, conds * batch + i, scale) for i in range(batch)],
+                                      cond, uncond) for j in range(conds)]
+            rate = _weighted(torch.stack([result.rate for result in results]), self.weights)
         except Exception as error:
             self.report.fallback(f"S-CFG failed: {error}", warn=True, exc=error)
             return None
         self.report.step_applied(rate)
+        if self.at is not None:  # previews (the report keeps nothing unless they are on)
+            try:
+                first = getattr(self.p, "iteration", 0) * getattr(self.p, "batch_size", batch)
+                for j, result in enumerate(results):
+                    self.report.record(*self.at, result, [(first + i, j) for i in range(batch)],
+                                       [scale] * batch)
+            except Exception as error:
+                self.report.note(f"S-CFG could not record a preview: {error}")
         return rate
 
     def combine_post(self, args):

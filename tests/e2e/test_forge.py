@@ -151,11 +151,21 @@ def test_batch_of_two_different_prompts_has_per_image_masks():
 
 
 def test_and_prompt():
-    prompt = "a red apple AND a cat :0.7"
+    prompt = "a red apple :0.9 AND a cat :0.3"
     plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
         generate([scfg(**RATE_ONE)], prompt=prompt)
     applied(on, 4)
     assert differs(on.image, plain.image) and same(one.image, plain.image)
+    swapped = generate([scfg()], prompt="a cat :0.3 AND a red apple :0.9")  # each keeps its weight
+    assert np.abs(swapped.image - on.image).max() <= 2
+
+
+def test_previews_of_the_maps():
+    result = generate([{"S-CFG": {"args": [{"enabled": True, "show_maps": True, "api_previews": True}]}}],
+                      prompt="a red apple AND a cat")
+    applied(result, 4)
+    assert len(result.images) == 2 and result.images[1].shape[1] > 64  # the image, then its preview
+    assert "S-CFG preview" in result.info["infotexts"][1]
 
 
 def test_long_prompt_with_break():
