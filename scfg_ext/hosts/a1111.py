@@ -17,16 +17,13 @@ The callbacks are registered once and stay registered: they do nothing unless ``
 run for the very ``p`` that the denoiser serves. Hooks and callbacks never raise into A1111: an
 error means plain CFG for that step and one warning per run (``RunReport.fallback``).
 
-Test hook (documented, off by default): when the WebUI process has ``SCFG_TEST_FAULT`` set to a
-comma-separated list of places (``denoiser``, ``unet``, ``transformer``, ``attn1``, ``attn2``,
-``denoised``), a run whose prompt contains ``scfg_test_fault`` raises a RuntimeError at those
-places, to prove the fallback path end to end (tests/e2e/test_a1111.py).
+The fallback path is proven end to end with the core's named-only ``test_fault`` parameter:
+"cross_attention" raises inside the attn2 hook, "result" inside on_cfg_denoised.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -35,19 +32,15 @@ from ..guidance import prescale_cond
 from ..levels import mask_grid_for, select_levels
 from ..step import CaptureError, Pair, StepCapture
 
-FAULT_ENV = "SCFG_TEST_FAULT"
-FAULT_MARKER = "scfg_test_fault"
 NO_UNCOND = "no unconditional pass (NGMS / skip early CFG)"
 
 
 @dataclass
 class Target:
-    """One hooked BasicTransformerBlock: its capture id, level and parent SpatialTransformer."""
+    """One hooked BasicTransformerBlock: its capture id, name and parent SpatialTransformer."""
     index: int
     name: str
-    factor: int
     transformer: torch.nn.Module
-    block: torch.nn.Module
 
 
 @dataclass
@@ -59,6 +52,7 @@ class Call:
     conds_list: list
     gamma: float
     hw: tuple
+    at: tuple  # (0-based sampling step, steps) for previews; second-order samplers call twice a step
     offset: int = 0
     rows: tuple | None = None
     error: tuple | None = None  # (place, exception): the rest of the step is plain CFG
@@ -70,7 +64,6 @@ class Run:
     p: object
     params: object
     report: object
-    faults: frozenset
     unet: torch.nn.Module | None = None
     targets: list = field(default_factory=list)
     factors: tuple = ()
@@ -92,7 +85,7 @@ def setup(p, params, report) -> bool:
     from modules import shared
 
     global _run
-    run = Run(p, params, report, _armed_faults(p))
+    run = Run(p, params, report)
     if not _hook(run, shared.sd_model.model.diffusion_model):
         return False
     _run = run
@@ -126,6 +119,23 @@ def unsupported_reason(p) -> str | None:
     if (getattr(p, "extra_generation_params", None) or {}).get("SCFG Active"):
         return "incantations' S-CFG is active; use only one S-CFG"
     return None
+
+
+def prompt_tokens(p, text: str) -> list[str | None]:
+    """The CLIP pieces of ``text`` per context position, as A1111 chunks it (SDXL: its CLIP-L)."""
+    from modules import shared
+
+    model = shared.sd_model.cond_stage_model
+    clip = model.embedders[0] if hasattr(model, "embedders") else model
+    chunks, _ = clip.tokenize_line(text)
+    ids = [t for chunk in chunks for t in chunk.tokens]
+    if hasattr(clip, "tokenizer"):  # transformers' CLIPTokenizer (SD1, SDXL)
+        pieces = clip.tokenizer.convert_ids_to_tokens(ids)
+    else:  # SD2's OpenCLIP (modules/sd_hijack_open_clip.py)
+        from modules.sd_hijack_open_clip import tokenizer
+        pieces = [tokenizer.decoder.get(t, "") for t in ids]
+    special = {clip.id_start, clip.id_end, clip.id_pad}
+    return [None if t in special else piece for t, piece in zip(ids, pieces, strict=True)]
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -167,7 +177,7 @@ def _hook(run: Run, unet) -> bool:
         for j, block in enumerate(st.transformer_blocks):
             if getattr(block, "disable_self_attn", False):
                 continue  # attn1 is a cross-attention there: no self-attention to refine with
-            target = Target(len(run.targets), f"{name}.transformer_blocks.{j}", factor, st, block)
+            target = Target(len(run.targets), f"{name}.transformer_blocks.{j}", st)
             run.targets.append(target)
             for attn, fn in (("attn1", _on_attn1), ("attn2", _on_attn2)):
                 hook = _guarded(run, attn, functools.partial(fn, target))
@@ -175,8 +185,8 @@ def _hook(run: Run, unet) -> bool:
                      getattr(block, attn).register_forward_hook(hook, with_kwargs=True))
     if not run.targets:
         _unhook(run)
-        run.report.note(f"S-CFG found no attention at levels {run.params.levels!r} "
-                        f"(this model has {sorted(present)}); S-CFG is off")
+        run.report.note(f"no attention at levels {run.params.levels!r} (this model has "
+                        f"{sorted(present)}): S-CFG is off")
         return False
     _add(run, "diffusion_model", unet.register_forward_pre_hook(
         _guarded(run, "unet", _on_unet), with_kwargs=True))
@@ -202,7 +212,6 @@ def _guarded(run: Run, place: str, fn):
         if _run is not run or call is None or call.error is not None:
             return None
         try:
-            _maybe_fault(run, place)
             with torch.no_grad():
                 fn(run, call, module, *args)
         except Exception as e:  # any failure means plain CFG for this step
@@ -281,7 +290,6 @@ def on_cfg_denoiser(params) -> None:
     if denoiser.p is not run.p:
         return
     try:
-        _maybe_fault(run, "denoiser")
         _follow_model(run)
         if not run.params.active_at(denoiser.step / denoiser.total_steps) or not run.targets:
             return
@@ -301,7 +309,6 @@ def on_cfg_denoised(params) -> None:
         return
     run.call = None
     try:
-        _maybe_fault(run, "denoised")
         if call.error is not None:
             _report_error(run, *call.error)
         elif call.offset == call.n_cond:
@@ -335,7 +342,8 @@ def _new_call(run: Run, params, denoiser) -> Call:
     hw = tuple(params.x.shape[-2:])
     capture = StepCapture(run.params, mask_grid_for(*hw, run.factors), len(run.targets))
     gamma = float(extra["cond_scale"]) * float(denoiser.cond_scale_miltiplier)  # 1/12.5 for CFG++
-    return Call(capture, n_rows, row, conds_list, gamma, hw)
+    at = (denoiser.step * denoiser.steps // denoiser.total_steps, denoiser.steps)
+    return Call(capture, n_rows, row, conds_list, gamma, hw, at)
 
 
 def _uncond_skipped(params, denoiser) -> bool:
@@ -360,6 +368,17 @@ def _apply(run: Run, call: Call, x_out) -> None:
     result = call.capture.result(pairs, cond, uncond)
     x_out[c_rows] = prescale_cond(cond, uncond, result.rate)  # in place: x_out is not read back
     run.report.step_applied(result.rate)
+    _record(run, call, result, pairs)
+
+
+def _record(run: Run, call: Call, result, pairs: list) -> None:
+    """Previews (the report keeps nothing unless they are on); a failure costs only the preview."""
+    try:
+        first = getattr(run.p, "iteration", 0) * getattr(run.p, "batch_size", len(call.conds_list))
+        rows = [(first + i, j) for i, conds in enumerate(call.conds_list) for j in range(len(conds))]
+        run.report.record(*call.at, result, rows, [pair.scale for pair in pairs])
+    except Exception as e:
+        run.report.note(f"could not record a preview: {e}")
 
 
 def _follow_model(run: Run) -> None:
@@ -381,20 +400,6 @@ def _ensure_callbacks() -> None:
                                    ("cfg_denoised", script_callbacks.on_cfg_denoised, on_cfg_denoised)):
         if not any(c.callback is fn for c in script_callbacks.callback_map[f"callbacks_{category}"]):
             register(fn, name="scfg")
-
-
-# ----------------------------------------------------------------------------- test hook
-
-def _armed_faults(p) -> frozenset:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or FAULT_MARKER not in str(getattr(p, "prompt", "")):
-        return frozenset()
-    return frozenset(s.strip() for s in spec.split(",") if s.strip())
-
-
-def _maybe_fault(run: Run, place: str) -> None:
-    if place in run.faults:
-        raise RuntimeError(f"S-CFG test fault in {place} ({FAULT_ENV})")
 
 
 try:  # register at import inside the WebUI; elsewhere (unit tests, Forge) there is nothing to do
