@@ -106,7 +106,8 @@ def prescale_cond(cond: torch.Tensor, uncond: torch.Tensor, rate: torch.Tensor) 
     A combiner computing u + γ·w·(c' − u) then yields u + γ·w·r·(c − u).
     """
     out = uncond.float() + rate.float() * (cond.float() - uncond.float())
-    return out.to(cond.dtype)
+    # where r = 1 the cond must come back bit for bit, not u + (c - u) rounded
+    return torch.where(rate == 1, cond, out.to(cond.dtype))
 
 
 def correction(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float | torch.Tensor,

@@ -96,6 +96,7 @@ class LayerFusion:
         self.preset, self.grid, self.starts = preset, tuple(grid), starts
         self.tokens = self.start_rest = self.uniform = None
         self.layers = 0
+        self.blocks: set = set()  # names of the blocks folded in, for callers that track them
 
     def add(self, maps: torch.Tensor, size: tuple[int, int]) -> None:
         """Fold in one layer's refined maps [B, N, L] of spatial size (h, w)."""

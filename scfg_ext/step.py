@@ -70,10 +70,13 @@ class StepCapture:
         refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.steps,
                                   self.params.refine_mode, self.budget)
         fusion = self._fusions.get(rows)
-        if fusion is None:
+        if fusion is None or block in fusion.blocks:
+            # A block seen again for the same rows is a later pass over the UNet (ControlNet
+            # reference-only runs a nested reference pass first): the last full pass wins.
             fusion = LayerFusion(self.params.preset, self.grid, start_positions(k.shape[1]))
             self._fusions[rows] = fusion
         fusion.add(refined, size)
+        fusion.blocks.add(block)
 
     def seen_rows(self) -> set[int]:
         """Rows for which every target layer was fused."""

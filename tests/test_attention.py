@@ -41,7 +41,8 @@ def test_official_is_s_plus_three_s_squared():
 def test_paper_is_mean_of_powers(n, L, R, seed):
     s, c = probs(1, n, n, seed=seed).double(), probs(1, n, L, seed=seed + 1).double()
     expected = sum(torch.linalg.matrix_power(s[0], r) @ c[0] for r in range(1, R + 1)) / R
-    torch.testing.assert_close(refine(s, c, steps=R, mode="paper")[0], expected)
+    # refine computes in fp32 whatever comes in
+    torch.testing.assert_close(refine(s, c, steps=R, mode="paper")[0], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_none_returns_cross_attention():

@@ -115,3 +115,17 @@ def test_injected_faults_raise_where_named(stage):
     with pytest.raises(RuntimeError, match=f"injected test fault in {stage}"):
         capture_rows(capture, (0, 1), inputs)
         capture.result([Pair(0, 1, 7.0)], *predictions(1))
+
+
+def test_a_second_pass_over_the_blocks_replaces_the_first():
+    """ControlNet reference-only: a nested pass over every block before the main pass."""
+    params = make_params(enabled=True)
+    reference = layer_inputs([("quadrants", [1, 2, 3, 4]), ("halves", [0, 7])], 77)
+    main = layer_inputs([("halves", [5, 6]), ("halves", [0, 7])], 77)
+    twice, once = StepCapture(params, (8, 8), 2), StepCapture(params, (8, 8), 2)
+    capture_rows(twice, (0, 1), reference)
+    capture_rows(twice, (0, 1), main)
+    capture_rows(once, (0, 1), main)
+    c, u = predictions(1)
+    pairs = [Pair(0, 1, 7.0)]
+    torch.testing.assert_close(twice.result(pairs, c, u).rate, once.result(pairs, c, u).rate)
