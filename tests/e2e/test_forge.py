@@ -1,7 +1,7 @@
 """End-to-end: S-CFG in a running WebUI Forge, through its HTTP API, judged by its effects.
 
 Set SCFG_FORGE_URL (e.g. http://127.0.0.1:7862) to a Forge started with --api, this extension
-installed and an SD1.x checkpoint loaded (random weights are fine: tests/e2e/forge_models.py).
+installed and an SD1.x or SDXL checkpoint loaded (random weights are fine: tests/e2e/forge_models.py).
 Everything is 64x64 with 4 Euler steps and a fixed seed, so the suite runs in minutes on 2 CPU cores.
 Each case compares images pixel by pixel with S-CFG on, off, and with its rate forced to 1
 (min_rate = max_rate = 1, which must give plain CFG bit for bit), and reads GET /scfg/v1/status.
@@ -25,7 +25,7 @@ URL = os.environ.get("SCFG_FORGE_URL", "").rstrip("/")
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not URL, reason="SCFG_FORGE_URL is not set: the Forge end-to-end suite needs a "
-                                       "running Forge (--api) with this extension and an SD1.x model"),
+                                       "running Forge (--api) with this extension and an SD1.x/SDXL model"),
 ]
 
 BASE = dict(prompt="a red apple on a wooden table, a cat", negative_prompt="blurry, ugly", seed=1234,
@@ -182,6 +182,15 @@ def test_separate_cond_and_uncond_unet_calls():
     plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
         generate([scfg(**RATE_ONE)], prompt=prompt)
     applied(on, 4)
+    assert differs(on.image, plain.image) and same(one.image, plain.image)
+
+
+def test_empty_negative_prompt():
+    """SDXL zeroes an empty negative prompt's context: uniform uncond attention, foreground from cond."""
+    plain, on, one = generate(negative_prompt=""), generate([scfg()], negative_prompt=""), \
+        generate([scfg(**RATE_ONE)], negative_prompt="")
+    applied(on, 4)
+    assert on.report["rate"]["min"] < on.report["rate"]["max"]  # not a uniform 0.8 (empty foreground)
     assert differs(on.image, plain.image) and same(one.image, plain.image)
 
 
