@@ -115,3 +115,16 @@ def correction(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float | torc
     """γ·(r − 1)·(c − u): what turns a plain-CFG result into eq. 12 when added to it."""
     gamma = _per_image(cfg_scale, cond.shape[0], cond.device)
     return (gamma * (rate.float() - 1) * (cond.float() - uncond.float())).to(cond.dtype)
+
+
+def mix_rates(rates: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """One rate map for AND sub-prompts whose predictions a host averages before CFG (Forge).
+
+    rates: [K, B, 1, H, W], one map per sub-prompt; the maps are averaged with the |weights| the
+    host averages the predictions with (equal weights if they sum to 0).
+    """
+    if len(weights) == 1:
+        return rates[0]
+    w = rates.new_tensor([abs(float(v)) for v in weights])
+    w = w if float(w.sum()) > 0 else torch.ones_like(w)
+    return (rates * w.view(-1, *[1] * (rates.dim() - 1))).sum(0) / w.sum()

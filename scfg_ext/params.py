@@ -89,9 +89,12 @@ class ScfgParams:
         return dataclasses.replace(self, strength=self.hires_strength,
                                    min_rate=self.hires_min_rate, max_rate=self.hires_max_rate)
 
-    def active_at(self, progress: float) -> bool:
-        """Whether a step at ``progress`` (0 = first, 1 = last) is inside [start, end]."""
-        return self.start <= progress <= self.end
+    def active_at(self, step: int, total: int) -> bool:
+        """Whether sampler call ``step`` (0-based) of ``total`` lies inside [start, end].
+
+        Progress runs from 0 at the first call to 1 at the last, so start = 0 and end = 1 take all.
+        """
+        return self.start <= step / max(total - 1, 1) <= self.end
 
     def level_factors(self) -> tuple[int, ...] | None:
         """Explicit downsample factors, or None for the per-architecture default."""

@@ -104,7 +104,9 @@ def test_levels_and_hires_and_window():
     assert make_params(hires="off").for_hires() is None and p.for_hires() is not p
     assert make_params(hires="same").for_hires() == make_params(hires="same")
     w = make_params(start=0.2, end=0.6)
-    assert [w.active_at(x) for x in (0.1, 0.2, 0.6, 0.7)] == [False, True, True, False]
+    assert [w.active_at(step, 11) for step in (1, 2, 6, 7)] == [False, True, True, False]
+    every = make_params()
+    assert all(every.active_at(step, 5) for step in range(5)) and every.active_at(0, 1)
 
 
 def test_api_args_error():

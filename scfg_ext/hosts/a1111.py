@@ -291,7 +291,7 @@ def on_cfg_denoiser(params) -> None:
         return
     try:
         _follow_model(run)
-        if not run.params.active_at(denoiser.step / denoiser.total_steps) or not run.targets:
+        if not run.params.active_at(denoiser.step, denoiser.total_steps) or not run.targets:
             return
         if _uncond_skipped(params, denoiser):
             run.report.fallback(NO_UNCOND)

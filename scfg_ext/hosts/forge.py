@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..attention import grid_factor, peak_bytes
-from ..guidance import correction, prescale_cond
+from ..guidance import correction, mix_rates, prescale_cond
 from ..levels import level_size, mask_grid_for, select_levels
 from ..params import ScfgParams
 from ..report import RunReport
@@ -138,15 +138,6 @@ def _cond_order(cond, uncond) -> list[int]:
         order += group[::-1]
         left = [i for i in left if i not in group]
     return [i for i in order if i < len(cond)]
-
-
-def _weighted(rates, weights):
-    """AND: one rate map per sub-prompt, combined with the weights Forge averages their predictions by."""
-    if len(weights) == 1:
-        return rates[0]
-    w = rates.new_tensor([abs(float(v)) for v in weights])
-    w = w if float(w.sum()) > 0 else torch.ones_like(w)
-    return (rates * w.view(-1, *[1] * (rates.dim() - 1))).sum(0) / w.sum()
 
 
 def _ours(fn) -> bool:
@@ -280,8 +271,7 @@ class _Run:
         self.at = None
         if denoiser is not None and denoiser.total_steps:
             self.at = denoiser.step, denoiser.total_steps
-            progress = denoiser.step / max(denoiser.total_steps - 1, 1)
-            if not self.params.active_at(progress):
+            if not self.params.active_at(denoiser.step, denoiser.total_steps):
                 return ("step outside S-CFG's start/end", False, None)
         if len(uncond) != 1 or any(k in c for c in [*cond, *uncond] for k in _BYPASS_KEYS):
             return ("area, mask or timestep-range conditioning (regional prompts)", True, None)
@@ -361,7 +351,7 @@ class _Run:
             # is computed against that average, then they are weighted as the predictions were.
             results = [capture.result([Pair(j * batch + i, conds * batch + i, scale) for i in range(batch)],
                                       cond, uncond) for j in range(conds)]
-            rate = _weighted(torch.stack([result.rate for result in results]), self.weights)
+            rate = mix_rates(torch.stack([result.rate for result in results]), self.weights)
         except Exception as error:
             self.report.fallback(f"S-CFG failed: {error}", warn=True, exc=error)
             return None
