@@ -60,6 +60,11 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 
 
 def _font(size: int = 14):
+    for name in ("DejaVuSans.ttf", "Arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
@@ -90,22 +95,28 @@ def heat_image(rate: torch.Tensor, low: float, high: float) -> Image.Image:
     return Image.fromarray((rgb * 255).byte().numpy(), "RGB")
 
 
-def _with_scale_bar(heat: Image.Image) -> Image.Image:
-    """The heat map with its colour scale (low at the left, high at the right) under it."""
+def _with_scale_bar(heat: Image.Image, low: float, high: float, scale: float, font) -> Image.Image:
+    """The heat map, its colour scale under it, and the scale's ends (as rate and as CFG) below."""
     ramp = torch.linspace(0, 1, heat.width)[None].expand(10, heat.width)
-    out = Image.new("RGB", (heat.width, heat.height + 14), (24, 24, 24))
+    out = Image.new("RGB", (heat.width, heat.height + 34), (24, 24, 24))
     out.paste(heat, (0, 0))
     out.paste(heat_image(ramp, 0.0, 1.0), (0, heat.height + 4))
+    draw, y = ImageDraw.Draw(out), heat.height + 16
+    right = f"{high:.2f}"
+    draw.text((0, y), f"{low:.2f}", fill=(230, 230, 230), font=font)
+    draw.text((heat.width - int(font.getlength(right)), y), right, fill=(230, 230, 230), font=font)
+    middle = f"CFG {scale * low:.1f}-{scale * high:.1f}"
+    draw.text(((heat.width - int(font.getlength(middle))) // 2, y), middle, fill=(170, 170, 170), font=font)
     return out
 
 
-def _step_row(s: PreviewStep, groups, colours):
+def _step_row(s: PreviewStep, groups, colours, font):
     """The three panels of one step and their captions."""
     lo, hi = s.rate.min().item(), s.rate.max().item()
     panels = [_upscaled(region_image(s.labels, groups, colours)), _upscaled(mask_image(s.foreground)),
-              _with_scale_bar(_upscaled(heat_image(s.rate, lo, hi)))]
+              _with_scale_bar(_upscaled(heat_image(s.rate, lo, hi)), lo, hi, s.scale, font)]
     captions = [f"{s.phase + ' ' if s.phase else ''}step {s.step}/{s.total}: regions", "foreground",
-                f"rate {lo:.2f} (blue) - {hi:.2f} (red), CFG {s.scale * lo:.1f}-{s.scale * hi:.1f}"]
+                "rate map"]
     return panels, captions
 
 
@@ -114,7 +125,7 @@ def render(steps: list[PreviewStep], tokens: list[str | None], title: str = "") 
     groups, names = word_groups(tokens)
     colours = palette(len(names))
     font, line = _font(), 20
-    rows = [_step_row(s, groups, colours) for s in steps]
+    rows = [_step_row(s, groups, colours, font) for s in steps]
     legend = [(colours[i], name) for i, name in enumerate(names)] + [((90, 90, 90), OTHER)]
     width = max((sum(p.width + MARGIN for p in panels) + MARGIN for panels, _ in rows), default=400)
     legend_rows = _legend_layout(legend, width, font)
