@@ -328,8 +328,82 @@ def test_refiner_switch():
                override_settings={"show_progress_type": "Approx cheap"})
 
 
-def test_controlnet():
-    code, _ = call("/controlnet/version")
-    if code != 200:
-        pytest.skip("sd-webui-controlnet is not installed")
-    pytest.skip("ControlNet models are not part of the test assets")
+# ----------------------------------------------------------------------------- ControlNet
+
+def control_image(flip=False):
+    """A 64x64 RGB gradient (red across, green down) as base64 PNG: the hint of preprocessor "none"."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64))
+    image.putdata([(4 * x, 4 * y, 128) for y in range(64) for x in range(64)])
+    if flip:
+        image = image.transpose(Image.Transpose.ROTATE_180)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def controlnet_unit(model="None", module="none", flip=False, **extra):
+    return {"enabled": True, "module": module, "model": model, "image": control_image(flip), "weight": 1.0,
+            "resize_mode": "Just Resize", "processor_res": 64, "pixel_perfect": False,
+            "control_mode": "Balanced", **extra}
+
+
+def control(unit):
+    return {"ControlNet": {"args": [unit]}}
+
+
+def require_controlnet():
+    if call("/controlnet/version")[0] != 200:
+        pytest.skip("sd-webui-controlnet is not installed in this A1111")
+
+
+def control_pair():
+    """(control model, checkpoint settings): a ``<checkpoint>-controlnet`` model and its checkpoint.
+
+    sd-webui-controlnet builds every SD1.x control model at full SD1.5 width, so it needs a
+    checkpoint of that topology: tests/e2e/models.py --kind sd15 --model-channels 320 --name X and
+    --kind controlnet --model-channels 320 --name X-controlnet (into the WebUI's models/ControlNet).
+    """
+    require_controlnet()
+    checkpoints = {m["model_name"]: m["title"] for m in call("/sdapi/v1/sd-models")[1]}
+    for model in call("/controlnet/model_list")[1]["model_list"]:
+        name = model.split(" [")[0]
+        if name.endswith("-controlnet") and name[: -len("-controlnet")] in checkpoints:
+            title = checkpoints[name[: -len("-controlnet")]]
+            return model, {"sd_model_checkpoint": title}
+    pytest.skip("no control model named <checkpoint>-controlnet next to its checkpoint "
+                "(tests/e2e/models.py --kind controlnet --model-channels 320, see control_pair)")
+
+
+def check_control_case(unit, **overrides):
+    """The control acts, and with it S-CFG acts and r = 1 is plain CFG with the same control."""
+    without = generate(None, **overrides)
+    plain = generate(control(unit), **overrides)
+    assert plain.pixels[0] != without.pixels[0], "the ControlNet unit had no effect"
+    on = generate({**control(unit), **scfg()}, **overrides)
+    assert on.applied == overrides.get("steps", BASE["steps"]), on.report
+    assert not on.fallbacks and on.report["last_error"] is None, on.report
+    assert on.pixels[0] != plain.pixels[0], "S-CFG had no effect with ControlNet"
+    assert "ControlNet 0" in on.infotext and "S-CFG" in on.infotext
+    one = generate({**control(unit), **scfg(**RATE_ONE)}, **overrides)
+    assert one.applied == on.applied and not one.fallbacks, one.report
+    assert one.pixels[0] == plain.pixels[0], "rate 1 must be plain CFG with the same control"
+    return plain, on
+
+
+@pytest.mark.parametrize("mode", ["Balanced", "ControlNet is more important"])
+def test_controlnet(mode):
+    """ControlNet residuals in the UNet (and, in "more important", on the cond rows only)."""
+    model, checkpoint = control_pair()
+    settings = dict(override_settings=checkpoint, override_settings_restore_afterwards=False)
+    plain, _ = check_control_case(controlnet_unit(model, control_mode=mode), **settings)
+    flipped = generate(control(controlnet_unit(model, control_mode=mode, flip=True)), **settings)
+    assert flipped.pixels[0] != plain.pixels[0], "the control image did not reach the model"
+
+
+def test_controlnet_reference_only():
+    """reference_only runs a nested reference UNet pass inside every UNet call (its attention hooks
+    fire first): the main pass's capture must win, every step applied, none fallen back."""
+    require_controlnet()
+    check_control_case(controlnet_unit(module="reference_only", threshold_a=0.5))

@@ -5,6 +5,9 @@ installed and an SD1.x or SDXL checkpoint loaded (random weights are fine: tests
 Everything is 64x64 with 4 Euler steps and a fixed seed, so the suite runs in minutes on 2 CPU cores.
 Each case compares images pixel by pixel with S-CFG on, off, and with its rate forced to 1
 (min_rate = max_rate = 1, which must give plain CFG bit for bit), and reads GET /scfg/v1/status.
+ControlNet and LoRA cases run when models/ControlNet holds ``<checkpoint>-controlnet`` / models/Lora
+``<checkpoint>-lora`` for the loaded checkpoint (tests/e2e/models.py --kind controlnet|lora
+--unet forge-sd15-small); reference_only needs only the built-in ControlNet.
 """
 
 import base64
@@ -314,3 +317,84 @@ def test_injected_fault_gives_plain_cfg_and_one_warning(fault):
     assert faulty.report["steps_applied"] == 0 and sum(faulty.report["steps_fallback"].values()) == 4
     assert len(faulty.report["steps_fallback"]) == 1 and "injected test fault" in faulty.infotext
     assert status()["hooks_installed"] == []
+
+
+# ----------------------------------------------------------------------------- ControlNet and LoRA
+
+def _checkpoint():
+    """The loaded checkpoint's name without extension and hash, e.g. "scfg-sd15-small"."""
+    title = call("/sdapi/v1/options")[1]["sd_model_checkpoint"] or ""
+    return os.path.splitext(os.path.basename(title.split(" [")[0]))[0]
+
+
+def _gradient(flip=False):
+    """A 64x64 RGB gradient (red across, green down): the control image of preprocessor None."""
+    image = np.zeros((64, 64, 3), np.int16)
+    image[..., 0], image[..., 1], image[..., 2] = np.arange(64)[None] * 4, np.arange(64)[:, None] * 4, 128
+    return _png_b64(image[::-1, ::-1] if flip else image)
+
+
+def _unit(model="None", module="None", flip=False, **extra):
+    unit = {"enabled": True, "module": module, "model": model, "image": _gradient(flip), "weight": 1.0,
+            "resize_mode": "Just Resize", "processor_res": 64, "pixel_perfect": False,
+            "control_mode": "Balanced", **extra}
+    return {"ControlNet": {"args": [unit]}}
+
+
+def _control_model():
+    """The ``<checkpoint>-controlnet`` model of the loaded checkpoint (tests/e2e/models.py --kind controlnet
+    --unet forge-sd15-small for forge_models.py's small SD1.5), by its full "name [hash]"."""
+    code, body = call("/controlnet/model_list")
+    if code != 200:
+        pytest.skip("Forge's ControlNet (sd_forge_controlnet) does not answer /controlnet/model_list")
+    wanted = _checkpoint() + "-controlnet"
+    for model in body["model_list"]:
+        if model.split(" [")[0] == wanted:
+            return model
+    pytest.skip(f"no control model {wanted!r} in models/ControlNet for the loaded checkpoint "
+                "(python -m tests.e2e.models --kind controlnet --unet forge-sd15-small --name ...)")
+
+
+def _check_with(extra, what):
+    """``extra`` (ControlNet unit or LoRA prompt) acts; with it S-CFG acts and rate 1 is plain CFG."""
+    scripts, overrides = extra
+    without = generate(**{k: v for k, v in overrides.items() if k != "prompt"})
+    plain = generate(scripts, **overrides)
+    assert differs(plain.image, without.image), f"the {what} had no effect"
+    on = generate([*scripts, scfg()], **overrides)
+    one = generate([*scripts, scfg(**RATE_ONE)], **overrides)
+    applied(on, 4)
+    applied(one, 4)
+    assert on.report["steps_fallback"] == {} == one.report["steps_fallback"], on.report
+    assert differs(on.image, plain.image), f"S-CFG had no effect with the {what}"
+    assert same(one.image, plain.image), f"rate 1 must be plain CFG with the same {what}"
+    assert status()["hooks_installed"] == []
+    return plain, on
+
+
+@pytest.mark.parametrize("mode", ["Balanced", "ControlNet is more important"])
+def test_controlnet(mode):
+    """Control residuals in the UNet ("more important": cond rows only; u vs c includes the control)."""
+    model = _control_model()
+    plain, on = _check_with(([_unit(model, control_mode=mode)], {}), "ControlNet unit")
+    assert "ControlNet 0" in on.infotext and "S-CFG" in on.infotext
+    flipped = generate([_unit(model, control_mode=mode, flip=True)])
+    assert differs(flipped.image, plain.image), "the control image did not reach the model"
+
+
+def test_controlnet_reference_only():
+    """reference_only records the reference in a nested cond/uncond pass of its conditioning modifier
+    and replaces every attn1; S-CFG must capture the real pass of every step, not the nested one."""
+    if call("/controlnet/model_list")[0] != 200:
+        pytest.skip("Forge's ControlNet (sd_forge_controlnet) is not available")
+    _check_with(([_unit(module="reference_only", threshold_a=0.5)], {}), "reference_only unit")
+
+
+def test_lora():
+    """A LoRA (merged into the UNet weights by Forge) on the cross-attention of every transformer."""
+    wanted = _checkpoint() + "-lora"
+    names = [entry["name"] for entry in call("/sdapi/v1/loras")[1] or []]
+    if wanted not in names:
+        pytest.skip(f"no LoRA {wanted!r} in models/Lora for the loaded checkpoint "
+                    "(python -m tests.e2e.models --kind lora --unet forge-sd15-small --name ...)")
+    _check_with(([], {"prompt": f"{BASE['prompt']} <lora:{wanted}:1>"}), "LoRA")

@@ -104,3 +104,47 @@ def test_real_bpe_vocab_when_installed(tmp_path):
         pytest.skip("neither open-clip-torch nor clip is installed")
     vocab = json.load(open(f"{M.write_clip_tokenizer(str(tmp_path), path)}/vocab.json", encoding="utf-8"))
     assert vocab["cat</w>"] == 2368 and vocab["a</w>"] == 320  # CLIP's ids
+
+
+def test_controlnet_spec_matches_released_sd15_controlnet_layout():
+    """control_v11p_sd15_*: 12 zero convs (320 x4, 640 x3, 1280 x5), hint encoder 3 -> 320 at latent/8."""
+    spec = M.controlnet_spec(M.UNetConfig(model_channels=320))
+    assert [spec[f"zero_convs.{i}.0.weight"][0] for i in range(12)] == [320] * 4 + [640] * 3 + [1280] * 5
+    assert "zero_convs.12.0.weight" not in spec
+    assert spec["middle_block_out.0.weight"] == (1280, 1280, 1, 1)
+    assert spec["input_hint_block.0.weight"] == (16, 3, 3, 3)
+    assert spec["input_hint_block.12.weight"] == (256, 96, 3, 3)
+    assert spec["input_hint_block.14.weight"] == (320, 256, 3, 3)
+    assert spec["input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"] == (640, 768)
+    assert spec["middle_block.1.proj_out.weight"] == (1280, 1280, 1, 1)
+    assert not any(k.startswith(("output_blocks.", "out.")) for k in spec)
+    unet = M.unet_spec(M.UNetConfig(model_channels=320), prefix="")
+    assert all(unet[k] == v for k, v in spec.items() if k.startswith(("input_blocks.", "middle_block.")))
+
+
+def test_controlnet_and_lora_follow_the_forge_checkpoint_unet(monkeypatch):
+    """--unet forge-sd15-small is the UNet that tests/e2e/forge_models.py --unet small writes."""
+    from tests.e2e import forge_models as F
+
+    monkeypatch.setattr(F._Builder, "_randn", lambda self, *shape, std=None: torch.zeros(()).expand(*shape))
+    builder = F._Builder(torch.Generator(), 0.02, torch.float16)
+    F.add_unet(builder, "", **F.unet_layout(None, "small"))
+    forge = {k: tuple(v.shape) for k, v in builder.sd.items()}
+    cfg = M.unet_config("forge-sd15-small")
+    assert M.unet_spec(cfg, prefix="") == forge
+    control = M.controlnet_spec(cfg)
+    assert all(control[f"zero_convs.{i}.0.weight"] == (320, 320, 1, 1) for i in range(12))
+    assert all(forge[k] == v for k, v in control.items() if k.startswith(("input_blocks.", "middle_block.")))
+
+
+def test_write_controlnet_and_lora(tmp_path):
+    from safetensors.torch import load_file
+
+    path = M.write_controlnet(str(tmp_path), unet_preset="sd15-small")
+    sd = load_file(path)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == M.controlnet_spec(M.unet_config())
+    assert sd["zero_convs.0.0.weight"].abs().sum() > 0  # not zero: the control acts at once
+    lora = load_file(M.write_lora(str(tmp_path), unet_preset="forge-sd15-small"))
+    key = "lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    assert lora[key].shape == (4, 768)
+    assert lora["lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k.lora_up.weight"].shape == (320, 4)
