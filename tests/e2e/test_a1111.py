@@ -16,12 +16,11 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from scfg_ext.params import FIELDS, from_infotext, make_params, to_infotext
+from tests.e2e.client import api_call
 
 URL = os.environ.get("SCFG_A1111_URL", "").rstrip("/")
 pytestmark = [
@@ -39,13 +38,7 @@ LONG = ", ".join(f"word{i} thing{i}" for i in range(50))  # ~150 tokens: three 7
 
 
 def call(path, body=None, timeout=900):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(URL + path, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+    return api_call(URL, path, body, timeout)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,13 +16,12 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 
 from scfg_ext.params import FIELDS, infotext_key
+from tests.e2e.client import api_call
 
 URL = os.environ.get("SCFG_FORGE_URL", "").rstrip("/")
 pytestmark = [
@@ -41,13 +40,7 @@ PAG = "PerturbedAttentionGuidance Integrated"
 
 
 def call(path, body=None, timeout=900):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(URL + path, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+    return api_call(URL, path, body, timeout)
 
 
 def status():
@@ -105,7 +98,7 @@ def applied(result, steps):
 def forge():
     try:
         body = status()
-    except (urllib.error.URLError, OSError) as error:
+    except OSError as error:  # urllib.error.URLError included
         pytest.fail(f"no S-CFG status route at {URL}: {error}")
     assert body["host"] == "forge", body
     assert body["hooks_installed"] == []

@@ -1,0 +1,16 @@
+"""The HTTP calls the end-to-end suites make to a running WebUI (stdlib only)."""
+
+import json
+import urllib.error
+import urllib.request
+
+
+def api_call(base: str, path: str, body=None, timeout: float = 900):
+    """GET (no body) or POST JSON to ``base + path``: (status code, decoded JSON body)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
