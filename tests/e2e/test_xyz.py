@@ -1,0 +1,77 @@
+"""End-to-end: the X/Y/Z plot's [S-CFG] axes, driven through the API of each running host.
+
+Runs against SCFG_A1111_URL and/or SCFG_FORGE_URL (skipped for a host that is not set). The axes are
+registered in on_before_ui, which a WebUI started with --nowebui never fires: such a host is skipped
+with that reason.
+"""
+
+import base64
+import io
+import json
+import os
+
+import pytest
+
+from scfg_ext.params import FIELDS
+from tests.e2e.client import api_call
+
+HOSTS = {"a1111": os.environ.get("SCFG_A1111_URL", ""), "forge": os.environ.get("SCFG_FORGE_URL", "")}
+BASE = dict(prompt="a red apple on a wooden table, a cat", negative_prompt="blurry", seed=1234, steps=4,
+            width=64, height=64, cfg_scale=7.0, sampler_name="Euler", batch_size=1, n_iter=1,
+            save_images=False, send_images=True)
+
+pytestmark = pytest.mark.e2e
+
+
+def pixels(b64):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB").tobytes()
+
+
+def axis_index(url, label):
+    """The txt2img X/Y/Z plot's index of an axis (the API takes the index, as the UI's dropdown)."""
+    code, scripts = api_call(url, "/sdapi/v1/script-info")
+    assert code == 200, scripts
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = xyz["args"][0]["choices"]
+    if label not in choices:
+        pytest.skip(f"no {label!r} axis: the WebUI was started without its UI (on_before_ui never ran)")
+    return choices.index(label)
+
+
+def xyz_args(x_type, x_values="", x_choices=()):
+    # x, y, z (type, values, dropdown values), legend, lone images, sub grids, no fixed seeds,
+    # vary seeds x/y/z, margin, csv mode (scripts/xyz_grid.py ui() order). Axes with choices take
+    # their values from the dropdown list, the others from the text.
+    return [x_type, x_values, list(x_choices), 0, "", [], 0, "", [], True, True, False, False, False,
+            False, False, 0, False]
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_xyz_axes_set_scfg_parameters(host):
+    url = HOSTS[host].rstrip("/")
+    if not url:
+        pytest.skip(f"SCFG_{host.upper()}_URL is not set")
+    enabled = [True] + [f.default for f in FIELDS[1:]]
+    enabled[[f.name for f in FIELDS].index("min_rate")] = 1.0
+    code, plain = api_call(url, "/sdapi/v1/txt2img", BASE)
+    assert code == 200, plain
+    body = {**BASE, "script_name": "x/y/z plot",
+            "script_args": xyz_args(axis_index(url, "[S-CFG] Max rate"), "1, 3"),
+            "alwayson_scripts": {"S-CFG": {"args": enabled}}}
+    code, grid = api_call(url, "/sdapi/v1/txt2img", body)
+    assert code == 200, grid
+    infotexts = json.loads(grid["info"])["infotexts"]
+    lone = {text.split("S-CFG max rate: ")[1].split(",")[0]: image
+            for text, image in zip(infotexts, grid["images"], strict=True) if "S-CFG max rate: " in text}
+    assert set(lone) == {"1.0", "3.0"}, infotexts
+    assert pixels(lone["1.0"]) == pixels(plain["images"][0]), "max rate 1 with min rate 1 is plain CFG"
+    assert pixels(lone["3.0"]) != pixels(plain["images"][0]), "max rate 3 must let S-CFG act"
+
+    body["script_args"] = xyz_args(axis_index(url, "[S-CFG] Enabled"), x_choices=["False", "True"])
+    body["alwayson_scripts"] = {"S-CFG": {"args": [False]}}
+    code, toggled = api_call(url, "/sdapi/v1/txt2img", body)
+    assert code == 200, toggled
+    texts = json.loads(toggled["info"])["infotexts"]
+    assert sum("S-CFG strength" in t for t in texts) >= 1 and any("S-CFG" not in t for t in texts[1:]), texts
