@@ -8,6 +8,11 @@ cross-attention of those blocks) and the S-CFG work of one step (the capture of 
 rate map), alternating the two, and prints the ratio from the same run. Peak extra memory is CUDA's
 allocator peak on a GPU; on the CPU it is the growth of the process's peak RSS, measured in a fresh
 subprocess per configuration after the attention baseline has reached its own peak.
+
+The A1111 adapter also recomputes ``to_q`` / ``to_k`` of every observed block (Forge's attention
+patches hand q/k over): that cost is timed separately, as "A1111 q/k", with the real projection
+sizes. ``--profile`` prints torch.profiler's top operators of one S-CFG step (core + A1111 q/k) of
+the first config and batch instead of the table.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ CONFIGS = {
     "sd15-512": ((64, 64), [Level((16, 16), 5, 8, 160), Level((8, 8), 1, 8, 160)]),
     # SDXL at 1024²: latent 128²; latent/4 only: in7, in8, middle, out0-2 × 10 transformer blocks.
     "sdxl-1024": ((128, 128), [Level((32, 32), 60, 20, 64)]),
+    # SDXL at 512² (what a CPU WebUI run can afford): latent 64², latent/4 = 16².
+    "sdxl-512": ((64, 64), [Level((16, 16), 60, 20, 64)]),
 }
+CONTEXT_DIM = {"sd15": 768, "sdxl": 2048}
 CONTEXT = 77
 
 
@@ -60,6 +68,26 @@ def make_inputs(levels, batch, device, dtype, max_blocks):
                  for t in (n, n, n, CONTEXT, CONTEXT)]
             blocks.append((level, *x))
     return blocks
+
+
+def make_projections(config, levels, batch, device, dtype, max_blocks):
+    """What the A1111 adapter recomputes per block: to_q(x), to_k(x) of attn1 and to_q(x),
+    to_k(context) of attn2 (inner = channels for SD1.5/SDXL)."""
+    rows, ctx_dim = 2 * batch, CONTEXT_DIM[config.split("-")[0]]
+    out = []
+    for level in levels:
+        n, inner = level.size[0] * level.size[1], level.heads * level.dim_head
+        for _ in range(min(level.blocks, max_blocks)):
+            x = torch.randn(rows, n, inner, device=device, dtype=dtype)
+            ctx = torch.randn(rows, CONTEXT, ctx_dim, device=device, dtype=dtype)
+            w = [torch.randn(inner, d, device=device, dtype=dtype) * 0.02 for d in (inner,) * 3 + (ctx_dim,)]
+            out.append((x, ctx, w))
+    return out
+
+
+def projection_step(projections):
+    for x, ctx, (wq1, wk1, wq2, wk2) in projections:
+        F.linear(x, wq1), F.linear(x, wk1), F.linear(x, wq2), F.linear(ctx, wk2)
 
 
 def attention_step(blocks):
@@ -86,9 +114,30 @@ def scfg_step(blocks, latent, batch, params, device, dtype):
     return capture.result([Pair(i, batch + i, 7.0) for i in range(batch)], c, u)
 
 
+def profile(config, batch, device, dtype, max_blocks, top=15):
+    """torch.profiler's operator table of one S-CFG step (core + A1111 q/k recompute)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    latent, levels = CONFIGS[config]
+    blocks = make_inputs(levels, batch, device, dtype, max_blocks)
+    projections = make_projections(config, levels, batch, device, dtype, max_blocks)
+    params = make_params(enabled=True)
+    scfg_step(blocks, latent, batch, params, device, dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        projection_step(projections)
+        scfg_step(blocks, latent, batch, params, device, dtype)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return (f"{config} batch {batch}, {len(blocks)} of {sum(lv.blocks for lv in levels)} blocks\n"
+            + prof.key_averages().table(sort_by=key, row_limit=top))
+
+
 def measure(config, batch, device, dtype, repeats, max_blocks):
     latent, levels = CONFIGS[config]
     blocks = make_inputs(levels, batch, device, dtype, max_blocks)
+    projections = make_projections(config, levels, batch, device, dtype, max_blocks)
     total_blocks = sum(lv.blocks for lv in levels)
     scale = total_blocks / len(blocks)
     params = make_params(enabled=True)
@@ -97,10 +146,12 @@ def measure(config, batch, device, dtype, repeats, max_blocks):
     _sync(device)
     base_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = {"attention": [], "scfg": []}
-    for _ in range(repeats):  # alternate, so both see the same machine state
+    projection_step(projections)
+    times = {"attention": [], "scfg": [], "qk": []}
+    for _ in range(repeats):  # alternate, so all see the same machine state
         for name, fn in (("attention", lambda: attention_step(blocks)),
-                         ("scfg", lambda: scfg_step(blocks, latent, batch, params, device, dtype))):
+                         ("scfg", lambda: scfg_step(blocks, latent, batch, params, device, dtype)),
+                         ("qk", lambda: projection_step(projections))):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 resident = torch.cuda.memory_allocated()
@@ -116,9 +167,11 @@ def measure(config, batch, device, dtype, repeats, max_blocks):
     else:
         extra = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     att, scfg = statistics.median(times["attention"]), statistics.median(times["scfg"])
+    qk = statistics.median(times["qk"])
     return {"config": config, "batch": batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
             "blocks_measured": len(blocks), "blocks_total": total_blocks,
             "attention_ms": att * scale * 1e3, "scfg_ms": scfg * scale * 1e3, "ratio": scfg / att,
+            "qk_ms": qk * scale * 1e3,
             "extra_mib": extra / 2**20, "extra_mib_per_image": extra / 2**20 / batch}
 
 
@@ -131,12 +184,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-blocks", type=int, default=None,
                     help="time at most this many blocks per level and scale the times up (CPU: 6)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's top operators of one step of the first config/batch")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one config/batch in this process
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     default_dtype = torch.float16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     max_blocks = args.max_blocks or (6 if device.type == "cpu" else 10**6)
+    if args.profile:
+        print(profile(args.configs[0], args.batches[0], device, dtype, max_blocks))
+        return
     if args.one:
         config, batch = args.one.split(":")
         print(json.dumps(measure(config, int(batch), device, dtype, args.repeats, max_blocks)))
@@ -144,8 +202,8 @@ def main(argv=None):
     print(f"S-CFG core benchmark, {device} {str(dtype).split('.')[-1]}, torch {torch.__version__}, "
           f"median of {args.repeats} alternating runs")
     print("| config | batch | blocks timed | attention ms/step | S-CFG ms/step | S-CFG/attention |"
-          " extra peak MiB | per image |")
-    print("|---|---|---|---|---|---|---|---|")
+          " A1111 q/k ms/step | extra peak MiB | per image |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         for batch in args.batches:
             cmd = [sys.executable, "-m", "scfg_ext.bench", "--one", f"{config}:{batch}",
@@ -154,7 +212,7 @@ def main(argv=None):
                 cmd += ["--dtype", args.dtype]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             print(f"| {config} | {batch} | {r['blocks_measured']}/{r['blocks_total']} | "
-                  f"{r['attention_ms']:.1f} | {r['scfg_ms']:.1f} | {r['ratio']:.2f}x | "
+                  f"{r['attention_ms']:.1f} | {r['scfg_ms']:.1f} | {r['ratio']:.2f}x | {r['qk_ms']:.1f} | "
                   f"{r['extra_mib']:.1f} | {r['extra_mib_per_image']:.1f} |")
     print("Times of partly timed configs are scaled to all blocks; memory is what the timed blocks held.")
 
