@@ -121,6 +121,7 @@ class Script(scripts.Script):
         p._scfg = (params, report)
         p.extra_generation_params.update(to_infotext(params))
         p.extra_generation_params["S-CFG warning"] = lambda **_: report.warning_text() or None
+        _teardown_on_close(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         HOOKS.teardown()
@@ -158,6 +159,18 @@ class Script(scripts.Script):
             _add_previews(p, processed, report)
         except Exception as error:  # a preview must never cost the user their images
             log.warning("S-CFG: could not draw the previews: %s", error, exc_info=True)
+
+
+def _teardown_on_close(p):
+    """Remove the hooks even when sampling raised: neither WebUI has an on-error callback for
+    scripts, but both run every generation inside ``with closing(p)`` (UI and API alike)."""
+    close = p.close
+
+    def close_and_teardown():
+        HOOKS.teardown()
+        return close()
+
+    p.close = close_and_teardown
 
 
 def _preview_steps() -> int:

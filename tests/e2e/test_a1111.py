@@ -400,3 +400,14 @@ def test_controlnet_reference_only():
     fire first): the main pass's capture must win, every step applied, none fallen back."""
     require_controlnet()
     check_control_case(controlnet_unit(module="reference_only", threshold_a=0.5))
+
+
+def test_hooks_are_removed_when_sampling_raises():
+    """An unknown hires sampler raises after the first pass has sampled with our hooks installed."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent"}
+    code, body = call("/sdapi/v1/txt2img", {**BASE, **hires,
+                                            "hr_sampler_name": "no such sampler", "alwayson_scripts": scfg()})
+    assert code >= 400, body
+    report = status()
+    assert report["last_run"]["steps_applied"] == 4, report
+    assert report["hooks_installed"] == [], "the hooks outlived a generation that raised"

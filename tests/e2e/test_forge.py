@@ -391,3 +391,15 @@ def test_lora():
         pytest.skip(f"no LoRA {wanted!r} in models/Lora for the loaded checkpoint "
                     "(python -m tests.e2e.models --kind lora --unet forge-sd15-small --name ...)")
     _check_with(([], {"prompt": f"{BASE['prompt']} <lora:{wanted}:1>"}), "LoRA")
+
+
+def test_hooks_are_removed_when_sampling_raises():
+    """An unknown hires sampler raises after the first pass has sampled with our patches installed."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent"}
+    code, body = call("/sdapi/v1/txt2img", {**BASE, **hires,
+                                            "hr_sampler_name": "no such sampler", "hr_additional_modules": [],
+                                            "alwayson_scripts": scfg()})
+    assert code >= 400, body
+    report = status()
+    assert report["last_run"]["steps_applied"] == 4, report
+    assert report["hooks_installed"] == [], "the patches outlived a generation that raised"
