@@ -468,6 +468,23 @@ def test_hypernetworks_feed_to_k_as_in_a1111(host, monkeypatch):
     torch.testing.assert_close(keys[3], keys[0] * 2)
 
 
+def test_projections_of_the_attention_itself_are_reused(host, monkeypatch):
+    """to_q/to_k run once per attention call with S-CFG on; recomputing them gives the same result."""
+    calls = []
+    for module in host.unet.modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_hook(lambda m, a, o: calls.append(m))
+    run_steps(host, None, steps=1)
+    plain_calls = len(calls)
+    calls.clear()
+    reused, _ = run_steps(host, make_params(enabled=True), steps=1)
+    assert len(calls) == plain_calls
+    a1111.teardown()
+    monkeypatch.setattr(a1111, "_project", lambda target, key, linear, x: linear(x))
+    recomputed, _ = run_steps(host, make_params(enabled=True), steps=1)
+    assert torch.equal(reused, recomputed)
+
+
 def test_unsupported_models(host):
     p = SimpleNamespace(extra_generation_params={})
     assert a1111.unsupported_reason(p) is None

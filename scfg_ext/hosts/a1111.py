@@ -37,10 +37,15 @@ NO_UNCOND = "no unconditional pass (NGMS / skip early CFG)"
 
 @dataclass
 class Target:
-    """One hooked BasicTransformerBlock: its capture id, name and parent SpatialTransformer."""
+    """One hooked BasicTransformerBlock: its capture id, name and parent SpatialTransformer.
+
+    ``projected`` keeps the last input and output of its attn1/attn2 to_q/to_k, so the attention
+    hooks reuse the projections the WebUI's own attention just made instead of recomputing them.
+    """
     index: int
     name: str
     transformer: torch.nn.Module
+    projected: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,9 +185,13 @@ def _hook(run: Run, unet) -> bool:
             target = Target(len(run.targets), f"{name}.transformer_blocks.{j}", st)
             run.targets.append(target)
             for attn, fn in (("attn1", _on_attn1), ("attn2", _on_attn2)):
+                module = getattr(block, attn)
                 hook = _guarded(run, attn, functools.partial(fn, target))
-                _add(run, f"{target.name}.{attn}",
-                     getattr(block, attn).register_forward_hook(hook, with_kwargs=True))
+                _add(run, f"{target.name}.{attn}", module.register_forward_hook(hook, with_kwargs=True))
+                for linear in ("to_q", "to_k"):
+                    keep = _guarded(run, attn, functools.partial(_on_projection, target, f"{attn}.{linear}"))
+                    _add(run, f"{target.name}.{attn}.{linear}",
+                         getattr(module, linear).register_forward_hook(keep))
     if not run.targets:
         _unhook(run)
         run.report.note(f"no attention at levels {run.params.levels!r} (this model has "
@@ -248,13 +257,26 @@ def _tokens(run: Run, call: Call, target: Target, x) -> tuple | None:
     return call.rows
 
 
+def _on_projection(target: Target, key: str, run: Run, call: Call, module, args, output) -> None:
+    target.projected[key] = (args[0], output)
+
+
+def _project(target: Target, key: str, linear, x):
+    """``linear(x)``: the output the attention itself just computed from this very tensor, else
+    computed again. Identity, not shape, decides: Hypertile's tiles, Regional Prompter's context
+    slices and reference-only's extended keys are other tensors and get recomputed."""
+    kept = target.projected.pop(key, None)
+    return kept[1] if kept is not None and kept[0] is x else linear(x)
+
+
 def _on_attn1(target: Target, run: Run, call: Call, module, args, kwargs, output) -> None:
     """Self-attention: always k = to_k(x), whatever context other extensions pass in."""
     x = args[0] if args else kwargs["x"]
     rows = _tokens(run, call, target, x)
     if rows is not None:
-        call.capture.self_attention(target.index, rows, module.to_q(x), module.to_k(_hyper(x)),
-                                    module.heads, getattr(module, "scale", None))
+        q = _project(target, "attn1.to_q", module.to_q, x)
+        k = _project(target, "attn1.to_k", module.to_k, _hyper(x))
+        call.capture.self_attention(target.index, rows, q, k, module.heads, getattr(module, "scale", None))
 
 
 def _on_attn2(target: Target, run: Run, call: Call, module, args, kwargs, output) -> None:
@@ -263,8 +285,9 @@ def _on_attn2(target: Target, run: Run, call: Call, module, args, kwargs, output
     context = kwargs.get("context", args[1] if len(args) > 1 else None)
     rows = _tokens(run, call, target, x)
     if rows is not None and context is not None:
-        call.capture.cross_attention(target.index, rows, module.to_q(x), module.to_k(_hyper(context)),
-                                     module.heads, getattr(module, "scale", None),
+        q = _project(target, "attn2.to_q", module.to_q, x)
+        k = _project(target, "attn2.to_k", module.to_k, _hyper(context))
+        call.capture.cross_attention(target.index, rows, q, k, module.heads, getattr(module, "scale", None),
                                      run.sizes[id(target.transformer)])
 
 
