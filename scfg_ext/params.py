@@ -7,7 +7,7 @@ positional API args; never reorder it, only append.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .attention import REFINE_MODES
 from .segment import PRESETS, REGIONS
@@ -219,6 +219,3 @@ def from_infotext(pairs: dict[str, str]) -> ScfgParams:
     values["enabled"] = pairs[INFOTEXT_PREFIX]
     return make_params(**values)
 
-
-def param_names() -> list[str]:
-    return [f.name for f in fields(ScfgParams)]
