@@ -9,10 +9,11 @@ rate map), alternating the two, and prints the ratio from the same run. Peak ext
 allocator peak on a GPU; on the CPU it is the growth of the process's peak RSS, measured in a fresh
 subprocess per configuration after the attention baseline has reached its own peak.
 
-The A1111 adapter also recomputes ``to_q`` / ``to_k`` of every observed block (Forge's attention
-patches hand q/k over): that cost is timed separately, as "A1111 q/k", with the real projection
-sizes. ``--profile`` prints torch.profiler's top operators of one S-CFG step (core + A1111 q/k) of
-the first config and batch instead of the table.
+Recomputing ``to_q`` / ``to_k`` of every observed block is timed separately ("q/k recompute"), with
+the real projection sizes: what a host adapter pays when it cannot reuse the attention's own q/k
+(the A1111 adapter reuses them unless another extension changed the attention's inputs; Forge's
+patches receive them). ``--profile`` prints torch.profiler's top operators of one S-CFG step (core
++ q/k recompute) of the first config and batch instead of the table.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def scfg_step(blocks, latent, batch, params, device, dtype):
 
 
 def profile(config, batch, device, dtype, max_blocks, top=15):
-    """torch.profiler's operator table of one S-CFG step (core + A1111 q/k recompute)."""
+    """torch.profiler's operator table of one S-CFG step (core + q/k recompute)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -202,7 +203,7 @@ def main(argv=None):
     print(f"S-CFG core benchmark, {device} {str(dtype).split('.')[-1]}, torch {torch.__version__}, "
           f"median of {args.repeats} alternating runs")
     print("| config | batch | blocks timed | attention ms/step | S-CFG ms/step | S-CFG/attention |"
-          " A1111 q/k ms/step | extra peak MiB | per image |")
+          " q/k recompute ms/step | extra peak MiB | per image |")
     print("|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         for batch in args.batches:
