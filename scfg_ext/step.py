@@ -83,18 +83,18 @@ class StepCapture:
         return {r for rows, f in self._fusions.items() if f.layers == self.layers for r in rows}
 
     def _gather(self, rows: list[int]) -> tuple[FusedMaps, list[int]]:
+        """The fused maps of ``rows``, in that order, from the fusions that saw every target layer."""
+        complete = {key: (fusion.result(), fusion.starts) for key, fusion in self._fusions.items()
+                    if fusion.layers == self.layers}  # one division per fusion, not per row
         parts, starts = [], None
         for row in rows:
-            for key, fusion in self._fusions.items():
-                if row in key and fusion.layers == self.layers:
-                    i = key.index(row)
-                    fused = fusion.result()
-                    parts.append((fused.tokens[i], None if fused.start_rest is None else fused.start_rest[i],
-                                  fused.uniform[i]))
-                    starts = fusion.starts if starts is None else starts
-                    break
-            else:
+            key = next((key for key in complete if row in key), None)
+            if key is None:
                 raise CaptureError(f"row {row} was not captured at every target layer")
+            (fused, fusion_starts), i = complete[key], key.index(row)
+            parts.append((fused.tokens[i], None if fused.start_rest is None else fused.start_rest[i],
+                          fused.uniform[i]))
+            starts = fusion_starts if starts is None else starts
         if len({p[0].shape[0] for p in parts}) != 1:
             raise CaptureError("rows of one kind have different context lengths")
         tokens = torch.stack([p[0] for p in parts])
