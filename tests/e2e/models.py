@@ -440,6 +440,27 @@ def write_clip_tokenizer(out_dir: str, bpe_path: str | None = None,
 # yaml
 # ---------------------------------------------------------------------------
 
+def _vae_params_yaml(vae, extra: str = "") -> str:
+    """The first_stage_config params block shared by the ldm (SD1) and sgm (SDXL) configs."""
+    extra_line = f"\n          {extra}" if extra else ""
+    return f"""        embed_dim: {vae.embed_dim}
+        monitor: val/rec_loss
+        ddconfig:{extra_line}
+          double_z: true
+          z_channels: {vae.z_channels}
+          resolution: 256
+          in_channels: {vae.in_channels}
+          out_ch: {vae.out_ch}
+          ch: {vae.ch}
+          ch_mult: {_ylist(vae.ch_mult)}
+          num_res_blocks: {vae.num_res_blocks}
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"""
+
+
 def _ylist(xs: Iterable) -> str:
     return "[" + ", ".join(str(x) for x in xs) + "]"
 
@@ -485,22 +506,7 @@ model:
     first_stage_config:
       target: ldm.models.autoencoder.AutoencoderKL
       params:
-        embed_dim: {vae.embed_dim}
-        monitor: val/rec_loss
-        ddconfig:
-          double_z: true
-          z_channels: {vae.z_channels}
-          resolution: 256
-          in_channels: {vae.in_channels}
-          out_ch: {vae.out_ch}
-          ch: {vae.ch}
-          ch_mult: {_ylist(vae.ch_mult)}
-          num_res_blocks: {vae.num_res_blocks}
-          attn_resolutions: []
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
-
+{_vae_params_yaml(vae)}
     cond_stage_config:
       target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
       params:
@@ -588,23 +594,7 @@ model:
     first_stage_config:
       target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
       params:
-        embed_dim: {vae.embed_dim}
-        monitor: val/rec_loss
-        ddconfig:
-          attn_type: vanilla-xformers
-          double_z: true
-          z_channels: {vae.z_channels}
-          resolution: 256
-          in_channels: {vae.in_channels}
-          out_ch: {vae.out_ch}
-          ch: {vae.ch}
-          ch_mult: {_ylist(vae.ch_mult)}
-          num_res_blocks: {vae.num_res_blocks}
-          attn_resolutions: []
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
-"""
+{_vae_params_yaml(vae, "attn_type: vanilla-xformers")}"""
 
 
 # ---------------------------------------------------------------------------
