@@ -1,11 +1,12 @@
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scfg_ext import head_mean_probs, power_weights, refine, refine_streamed
+from scfg_ext import attention, head_mean_probs, power_weights, refine, refine_streamed
 from scfg_ext.attention import grid_factor, split_heads
 
 
@@ -56,32 +57,57 @@ def test_refined_rows_stay_distributions():
     torch.testing.assert_close(out.sum(-1), torch.ones(3, 16))
 
 
+def head_blocks(per_head: bool):
+    """Build head-mean probabilities as on the CPU (one head at a time) or a GPU (all heads)."""
+    return mock.patch.object(attention, "_one_head_at_a_time", lambda device: per_head)
+
+
+BOTH_WAYS = pytest.mark.parametrize("per_head", [True, False], ids=["one head at a time", "all heads"])
+
+
+@BOTH_WAYS
 @given(rows=st.integers(1, 3), n=st.integers(1, 40), heads=st.sampled_from([1, 2, 4]),
        d=st.sampled_from([2, 8]), seed=st.integers(0, 999))
-def test_head_mean_probs_matches_reference_in_chunks(rows, n, heads, d, seed):
+def test_head_mean_probs_matches_reference_in_chunks(per_head, rows, n, heads, d, seed):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(rows, n, heads * d, generator=g), torch.randn(rows, 5, heads * d, generator=g)
     expected = reference_head_mean(q, k, heads, d ** -0.5)
-    for budget in (1, 4 * rows * heads * 5 * 3, 2**30):  # one query, three queries, all at once
-        torch.testing.assert_close(head_mean_probs(q, k, heads, None, budget), expected)
+    for budget in (1, 4 * rows * heads * 5 * 3, 2**30):  # one query, a few queries, all at once
+        with head_blocks(per_head):
+            torch.testing.assert_close(head_mean_probs(q, k, heads, None, budget), expected)
 
 
+def test_cpu_blocks_stay_cache_sized(monkeypatch):
+    """On the CPU no logits block exceeds CPU_BLOCK_BYTES, whatever the budget allows."""
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(real(a, b)) or seen[-1])
+    n = 1024
+    q = torch.randn(2, n, 2 * 8)
+    head_mean_probs(q, q, 2, None, budget_bytes=2**30)
+    assert seen and all(t.numel() * 4 <= attention.CPU_BLOCK_BYTES for t in seen)
+    assert sum(t.shape[-2] for t in seen) == 2 * 2 * n  # every query of every row and head once
+
+
+@BOTH_WAYS
 @given(rows=st.integers(1, 3), n=st.integers(2, 36), heads=st.sampled_from([1, 3]),
        L=st.integers(1, 9), mode=st.sampled_from(["official", "paper"]), R=st.integers(1, 5),
        seed=st.integers(0, 999))
-def test_streamed_equals_dense(rows, n, heads, L, mode, R, seed):
+def test_streamed_equals_dense(per_head, rows, n, heads, L, mode, R, seed):
     """Property 8: the streamed refinement equals the dense one to float tolerance."""
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
     c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
     dense = refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
-    materialised = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=2**30)
-    streamed = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=4 * rows * heads * n * 2)
+    with head_blocks(per_head):
+        materialised = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=2**30)
+        streamed = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=4 * rows * heads * n * 2)
     torch.testing.assert_close(materialised, dense)
     torch.testing.assert_close(streamed, dense)
 
 
-def test_streamed_never_builds_a_full_self_map(monkeypatch):
+@BOTH_WAYS
+def test_streamed_never_builds_a_full_self_map(per_head, monkeypatch):
     """Under a small budget no matmul produces an N×N block: only query chunks."""
     n, heads, budget = 64, 2, 4 * 2 * 64 * 8  # 8 queries of [heads, N] per chunk
     seen = []
@@ -93,6 +119,7 @@ def test_streamed_never_builds_a_full_self_map(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "matmul", spy)
+    monkeypatch.setattr(attention, "_one_head_at_a_time", lambda device: per_head)
     q = torch.randn(1, n, heads * 4)
     refine_streamed(q, q.clone(), probs(1, n, 5), heads, None, 4, "paper", budget_bytes=budget)
     logits = [s for s in seen if s[-1] == n]
