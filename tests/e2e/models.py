@@ -623,6 +623,23 @@ UNET_PRESETS = {
 }
 
 
+SDXL_UNET_PRESETS = {
+    "sdxl-small": dict(model_channels=64, num_head_channels=16, transformer_depth=(0, 1, 1),
+                       transformer_depth_middle=1),
+    # SDXL base: 10 transformer blocks per attention block at latent/4 (and in the middle), 2 at latent/2
+    "sdxl-base": dict(model_channels=320, num_head_channels=64, transformer_depth=(0, 2, 10),
+                      transformer_depth_middle=10),
+}
+
+
+def sdxl_unet_config(unet_preset: str = "sdxl-small", model_channels: int | None = None) -> UNetConfig:
+    kw = dict(SDXL_UNET_PRESETS[unet_preset])
+    if model_channels:
+        kw["model_channels"] = model_channels
+    return UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), context_dim=2048,
+                      use_linear_in_transformer=True, adm_in_channels=2816, **kw)
+
+
 def sd15_configs(full_te_vae: bool = False, model_channels: int | None = None,
                  te_layers: int | None = None,
                  unet_preset: str = "sd15-small") -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
@@ -685,20 +702,21 @@ def openclip_text_spec(width: int, layers: int, heads_unused: int = 0, vocab: in
     return s
 
 
-def write_sdxl(out_dir: str, name: str = SDXL_NAME, seed: int = 0, model_channels: int = 64,
-               bpe_path: str | None = None, clip_dir: str | None = None) -> str:
-    """Small SDXL-topology checkpoint (sgm key layout).
+def write_sdxl(out_dir: str, name: str = SDXL_NAME, seed: int = 0, model_channels: int | None = None,
+               bpe_path: str | None = None, clip_dir: str | None = None,
+               unet_preset: str = "sdxl-small") -> str:
+    """SDXL-topology checkpoint (sgm key layout).
 
     UNet: SDXL layout (channel_mult [1,2,4], attention at ds 2 and 4, linear
-    proj, head width 64 -> here num_head_channels 16), context 2048 = 768 (CLIP-L)
-    + 1280 (OpenCLIP bigG width), adm 2816.  Text encoders: CLIP-L with 2 layers
-    and an OpenCLIP ViT-bigG text tower (width 1280) with 2 layers instead of 32.
+    proj), context 2048 = 768 (CLIP-L) + 1280 (OpenCLIP bigG width), adm 2816;
+    ``sdxl-small``: model_channels 64, head width 16, one transformer per level;
+    ``sdxl-base``: the SDXL base UNet itself (2.6 G parameters, 5 GB in fp16).
+    Text encoders: CLIP-L with 2 layers and an OpenCLIP ViT-bigG text tower (width
+    1280) with 2 layers instead of 32.
     NOTE: the yaml's FrozenOpenCLIPEmbedder2 builds ViT-bigG-14 with 32 layers;
     the WebUI loads with strict=False, so missing layers keep their init values.
     """
-    unet = UNetConfig(model_channels=model_channels, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
-                      num_head_channels=16, transformer_depth=(0, 1, 1), transformer_depth_middle=1,
-                      context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816)
+    unet = sdxl_unet_config(unet_preset, model_channels)
     vae = VAEConfig(ch=32)
     te = CLIPTextConfig(num_hidden_layers=2)
     clip_dir = clip_dir or os.path.join(out_dir, TOKENIZER_DIR)
@@ -809,9 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="checkpoint base name (default per kind)")
     ap.add_argument("--full-te-vae", action="store_true",
                     help="sd15: full-size CLIP-L (12 layers) + SD VAE (ch 128), e.g. for WebUI Forge")
-    ap.add_argument("--unet", default="sd15-small", choices=sorted(UNET_PRESETS),
-                    help="sd15/lora/controlnet: UNet preset (forge-small: model_channels 320, 3 levels; "
-                         "forge-sd15-small: the UNet of tests/e2e/forge_models.py --unet small)")
+    ap.add_argument("--unet", default=None, choices=sorted(UNET_PRESETS) + sorted(SDXL_UNET_PRESETS),
+                    help="UNet preset; sd15/lora/controlnet (default sd15-small; forge-small: "
+                         "model_channels 320, 3 levels; forge-sd15-small: the UNet of "
+                         "tests/e2e/forge_models.py --unet small); sdxl (default sdxl-small; "
+                         "sdxl-base: the real SDXL base UNet, 5 GB)")
     ap.add_argument("--forge", action="store_true",
                     help="sd15: shorthand for --full-te-vae --unet forge-small (loads in WebUI Forge too)")
     ap.add_argument("--model-channels", type=int, default=None,
@@ -826,12 +846,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.forge:
         a.full_te_vae, a.unet = True, "forge-small"
     kinds = ["sd15", "sdxl", "lora"] if a.kind == "all" else [a.kind]
+    if a.unet in SDXL_UNET_PRESETS and kinds != ["sdxl"]:
+        ap.error(f"--unet {a.unet} is an SDXL preset: use it with --kind sdxl")
+    if a.unet in UNET_PRESETS and "sdxl" in kinds:
+        ap.error(f"--unet {a.unet} is an SD1.5 preset: with --kind sdxl use one of "
+                 f"{sorted(SDXL_UNET_PRESETS)}")
+    sdxl_unet, a.unet = a.unet or "sdxl-small", a.unet or "sd15-small"
     for k in kinds:
         if k == "sd15":
             p = write_sd15(a.out, a.name or SD15_NAME, a.full_te_vae, a.seed, a.model_channels, a.te_layers,
                            a.bpe, a.clip_dir, a.unet)
         elif k == "sdxl":
-            p = write_sdxl(a.out, a.name or SDXL_NAME, a.seed, a.model_channels or 64, a.bpe, a.clip_dir)
+            p = write_sdxl(a.out, a.name or SDXL_NAME, a.seed, a.model_channels, a.bpe, a.clip_dir, sdxl_unet)
         elif k == "controlnet":
             p = write_controlnet(a.out, a.name or CONTROLNET_NAME, a.seed, a.model_channels, a.unet)
         else:

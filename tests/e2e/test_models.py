@@ -6,6 +6,7 @@ a WebUI silently skip weights (they load with strict=False) fails here without a
 
 import gzip
 import json
+import math
 
 import pytest
 import torch
@@ -38,10 +39,8 @@ def test_sd15_full_size_spec_matches_released_sd15_layout():
 
 
 def test_sdxl_full_size_unet_spec_matches_released_sdxl_layout():
-    cfg = M.UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
-                       num_head_channels=64, transformer_depth=(0, 2, 10), transformer_depth_middle=10,
-                       context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816)
-    unet = M.unet_spec(cfg)
+    unet = M.unet_spec(M.sdxl_unet_config("sdxl-base"))
+    assert sum(math.prod(shape) for shape in unet.values()) == 2_567_463_684  # the released UNet's count
     p = "model.diffusion_model."
     assert unet[p + "label_emb.0.0.weight"] == (1280, 2816)
     assert unet[p + "input_blocks.4.1.proj_in.weight"] == (640, 640)
