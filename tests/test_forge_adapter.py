@@ -232,6 +232,10 @@ def sampling_function(unet, x, sigma, cond, uncond, cond_scale, max_chunks=None)
     for modifier in options.get("conditioning_modifiers", []):
         model, x, sigma, uncond, cond, cond_scale, options, _ = modifier(
             model, x, sigma, uncond, cond, cond_scale, options, 0)
+    return sampling_function_inner(model, x, sigma, uncond, cond, cond_scale, options, max_chunks)
+
+
+def sampling_function_inner(model, x, sigma, uncond, cond, cond_scale, options, max_chunks=None):
     edit = sum(c.get("strength", 1) for c in cond)
     uncond_ = None if math.isclose(cond_scale, 1.0) and not options.get("disable_cfg1_optimization") \
         else uncond
@@ -493,8 +497,9 @@ def test_bypasses_regional_conds_and_wrappers(fake_forge):
     fake_forge.setup(p, make_params(enabled=True), report)
     p.sd_model.forge_objects.unet.model_options["model_function_wrapper"] = lambda f, a: None
     options = p.sd_model.forge_objects.unet.model_options
-    options["conditioning_modifiers"][0](None, None, None, uncond, cond, 7.0, options, 0)
-    options["sampler_pre_cfg_function"][0](None, conds(1, (1,)), uncond, latent(1), None, options)
+    x = latent(1)
+    options["conditioning_modifiers"][0](None, x, None, uncond, cond, 7.0, options, 0)
+    options["sampler_pre_cfg_function"][0](None, conds(1, (1,)), uncond, x, None, options)
     assert fake_forge._current[3].skip[0].startswith("a UNet function wrapper")
 
 
@@ -591,6 +596,48 @@ def test_non_square_and_sdxl_style_depth(fake_forge):
     out, report = run(fake_forge, p, cond, uncond)
     assert out.shape == (1, 4, 20, 13) and report.applied == 1 and not report.fallbacks
     assert fake_forge._current[3].factors == (8,)  # SDXL rule: the smallest level alone
+
+
+def reference_recorder(noise_seed=5):
+    """Forge's Reference-only modifier: a nested cfg-1 sampling call on a noised reference latent."""
+    def modifier(model, x, sigma, uncond, cond, cond_scale, options, seed):
+        xt = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
+        sampling_function_inner(model, xt, sigma, uncond, cond, 1.0, options)
+        return model, x, sigma, uncond, cond, cond_scale, options, seed
+    return modifier
+
+
+@pytest.mark.parametrize("reference_first", [True, False])
+def test_a_nested_reference_pass_in_any_order_leaves_the_step_applied(fake_forge, reference_first):
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+    p = make_p()
+    expected, _ = run(fake_forge, p, cond, uncond)
+    fake_forge.teardown()
+    p = make_p()
+    unet = p.sd_model.forge_objects.unet
+    if reference_first:
+        unet.add_conditioning_modifier(reference_recorder())
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    if not reference_first:  # installed after S-CFG: runs between our modifier and our pre-cfg
+        unet = p.sd_model.forge_objects.unet
+        unet.add_conditioning_modifier(reference_recorder())
+    out = step(p, latent(1, (p.height // 8, p.width // 8)), cond, uncond)
+    assert report.applied == 1 and not report.fallbacks
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_modifier_that_replaces_the_latent_is_reported(fake_forge):
+    p = make_p()
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    p.sd_model.forge_objects.unet.add_conditioning_modifier(
+        lambda model, x, *rest: (model, x.clone(), *rest))
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+    for _ in range(2):
+        step(p, latent(1), cond, uncond)
+    assert report.applied == 0 and len(report.warned) == 1
+    assert "not recognised" in next(iter(report.warned))
 
 
 def test_teardown_makes_a_lingering_clone_pass_through(fake_forge):

@@ -240,13 +240,24 @@ class _Run:
         self.chunks = self.cond_seen = 0
 
     def arm(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-        """Conditioning modifier: the step's final CFG scale; the next pre-cfg is the step's own."""
-        self.armed = cond_scale if self.active else None
+        """Conditioning modifier: the step's CFG scale and latent; the pre-cfg call on this same
+        latent is the step's own. A nested ``sampling_function_inner`` run by a later modifier
+        (Reference-only's recording pass, on a noised reference latent) is not."""
+        if self.armed is not None:
+            self.report.fallback("a step's own sampling call was not recognised (another extension "
+                                 "replaced the latent before CFG)", warn=True)
+        self.armed = (cond_scale, x) if self.active else None
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def _nested(self, x) -> bool:
+        """A sampling call inside this step's conditioning modifiers, on another latent."""
+        return self.armed is not None and x is not self.armed[1]
 
     def begin(self, model, cond, uncond, x, timestep, model_options):
         """Pre-cfg function: open the capture window if this step's layout is one S-CFG handles."""
-        scale, self.armed = self.armed, None
+        if self._nested(x):
+            return model, cond, uncond, x, timestep, model_options
+        scale, self.armed = (self.armed or (None, None))[0], None
         if scale is not None:
             self._reset(None)
             try:
@@ -376,7 +387,7 @@ class _Run:
         order of the list does not matter and all of them act.
         """
         denoised = args["denoised"]
-        if not self.active:
+        if not self.active or self._nested(args["input"]):
             return denoised
         cond, uncond = args["cond_denoised"], args["uncond_denoised"]
         rate = self._rate(cond, uncond, self.scale * self.edit)
@@ -392,7 +403,7 @@ class _Run:
         correction would instead add γ·(r − 1)·(c − u) unclamped after the clamp, which at the high
         CFG that thresholding exists for (r is capped to 15/γ) would undo or overshoot it.
         """
-        if not self.active:
+        if not self.active or self._nested(args["input"]):
             return prev(args)
         cond, uncond = args["cond"], args["uncond"]  # x - x0: the same c - u up to sign
         rate = self._rate(cond, uncond, args["cond_scale"])
