@@ -9,7 +9,8 @@ points at (the tokenizer is built from the BPE vocabulary shipped with the
 
 CLI::
 
-    python -m tests.e2e.models --out DIR [--kind sd15|sdxl|lora|all] [--full-te-vae]
+    python -m tests.e2e.models --out DIR [--kind sd15|sdxl|lora|controlnet|all] [--unet PRESET]
+        [--full-te-vae] [--sdxl-full-te-vae] [--model-channels N] [--name NAME] [--dtype float16|float32]
 
 ``sd15``  -> DIR/scfg-tiny-sd15.safetensors + .yaml (+ DIR/clip-tokenizer/)
 ``sdxl``  -> DIR/scfg-tiny-sdxl.safetensors + .yaml (+ DIR/clip-tokenizer/)
@@ -17,18 +18,27 @@ CLI::
 ``controlnet`` -> DIR/scfg-tiny-sd15-controlnet.safetensors (ldm ``cldm.ControlNet`` for the sd15 UNet)
 
 ``lora`` and ``controlnet`` follow the UNet chosen by ``--unet``/``--model-channels``, so they fit the
-checkpoint written with the same options (``--unet forge-sd15-small``: the UNet of
-``tests/e2e/forge_models.py --unet small``).  sd-webui-controlnet (A1111) builds every SD1.x control
-model as the full-width SD1.5 ControlNet (model_channels 320, channel_mult [1,2,4,4]), so its control
-model and checkpoint need ``--model-channels 320``; Forge reads the layout from the weights.
+checkpoint written with the same options (e.g. ``--unet forge-sd15-small``).  sd-webui-controlnet (A1111)
+builds every SD1.x control model as the full-width SD1.5 ControlNet (model_channels 320, channel_mult
+[1,2,4,4]), so its control model and checkpoint need ``--model-channels 320``; Forge reads the layout from
+the weights.
 
 Architecture of the default SD1.5 model: the SD1.5 UNet layout (same block
 indices: channel_mult [1,2,4,4], 2 res blocks per level, cross-attention at
 downsample factors 1,2,4 = attention_resolutions [4,2,1], 8 heads, context 768)
 but model_channels 64; VAE with ch 32; CLIP-L text encoder with 2 layers.
-``--full-te-vae`` keeps full-size CLIP-L (12 layers) and the full SD VAE
-(ch 128) so that loaders that infer the model type from fixed shapes
-(e.g. WebUI Forge) accept the file too.
+
+WebUI Forge ignores the yaml: it guesses the family from the UNet weight shapes
+(model_channels 320, context 768 or 2048, transformer depths) and builds the
+text encoders and VAE from fixed configs, so those must be full size:
+
+* ``--kind sd15 --full-te-vae --unet forge-sd15-small``: full CLIP-L (12 layers)
+  and SD VAE (ch 128), SD1.5 block layout at 320 channels on every level;
+  ``--full-te-vae --model-channels 320``: the real SD1.5 size (860M UNet);
+* ``--kind sdxl --sdxl-full-te-vae --unet forge-sdxl-small``: full CLIP-L under
+  ``conditioner.embedders.0``, OpenCLIP ViT-bigG text tower (32 layers) under
+  ``conditioner.embedders.1``, SD VAE (ch 128; ~1.8 GB in float16 before the
+  UNet); ``--unet sdxl-base``: the real SDXL base UNet.
 """
 from __future__ import annotations
 
@@ -605,7 +615,30 @@ def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] 
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=metadata or {})
+    # write beside and rename, so a WebUI scanning the folder never sees a half-written file
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata or {})
+    _sort_metadata(tmp)
+    os.replace(tmp, path)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header with its metadata keys sorted, in place.
+
+    safetensors writes a multi-key metadata map in a per-process random order, which would make the
+    file (and so the model hash the WebUI reports) differ between otherwise identical runs.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # same content, same escapes: cannot grow; refuse rather than corrupt
+            raise ValueError(f"{path}: re-encoded header is longer than the original")
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))  # safetensors pads the header with spaces
 
 
 UNET_PRESETS = {
@@ -617,7 +650,9 @@ UNET_PRESETS = {
     # latent, latent/2, latent/4 and in the middle block at latent/4)
     "forge-small": dict(model_channels=320, channel_mult=(1, 1, 1), num_res_blocks=1,
                         attention_resolutions=(4, 2, 1), transformer_depth=(1, 1, 1)),
-    # the UNet of tests/e2e/forge_models.py --unet small: SD1.5 block layout, 320 channels at every level
+    # SD1.5 block layout (so input_blocks.7/8, middle_block, output_blocks.3-5 carry attention at
+    # latent/4 and latent/8 like the real model) at 320 channels on every level: Forge takes a UNet
+    # for SD1.5 only with model_channels 320
     "forge-sd15-small": dict(model_channels=320, channel_mult=(1, 1, 1, 1), num_res_blocks=2,
                              attention_resolutions=(4, 2, 1)),
 }
@@ -629,15 +664,21 @@ SDXL_UNET_PRESETS = {
     # SDXL base: 10 transformer blocks per attention block at latent/4 (and in the middle), 2 at latent/2
     "sdxl-base": dict(model_channels=320, num_head_channels=64, transformer_depth=(0, 2, 10),
                       transformer_depth_middle=10),
+    # Forge files input transformer depths [0,0,1,1,2,2] (Segmind-Vega-like) under its SDXL guess and
+    # needs model_channels 320; 320 wide everywhere keeps a step cheap on CPU
+    "forge-sdxl-small": dict(model_channels=320, channel_mult=(1, 1, 1), num_head_channels=64,
+                             transformer_depth=(0, 1, 2), transformer_depth_middle=1),
 }
+
+SDXL_UNET_BASE = dict(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), context_dim=2048,
+                      use_linear_in_transformer=True, adm_in_channels=2816)
 
 
 def sdxl_unet_config(unet_preset: str = "sdxl-small", model_channels: int | None = None) -> UNetConfig:
-    kw = dict(SDXL_UNET_PRESETS[unet_preset])
+    kw = {**SDXL_UNET_BASE, **SDXL_UNET_PRESETS[unet_preset]}
     if model_channels:
         kw["model_channels"] = model_channels
-    return UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), context_dim=2048,
-                      use_linear_in_transformer=True, adm_in_channels=2816, **kw)
+    return UNetConfig(**kw)
 
 
 def sd15_configs(full_te_vae: bool = False, model_channels: int | None = None,
@@ -667,13 +708,13 @@ def sd15_state_dict(unet: UNetConfig, vae: VAEConfig, te: CLIPTextConfig, seed: 
 def write_sd15(out_dir: str, name: str = SD15_NAME, full_te_vae: bool = False, seed: int = 0,
                model_channels: int | None = None, te_layers: int | None = None,
                bpe_path: str | None = None, clip_dir: str | None = None,
-               unet_preset: str = "sd15-small") -> str:
+               unet_preset: str = "sd15-small", dtype: torch.dtype = torch.float16) -> str:
     """Write DIR/NAME.safetensors + DIR/NAME.yaml (+ tokenizer folder). Returns the checkpoint path."""
     unet, vae, te = sd15_configs(full_te_vae, model_channels, te_layers, unet_preset)
     clip_dir = clip_dir or os.path.join(out_dir, TOKENIZER_DIR)
     write_clip_tokenizer(clip_dir, bpe_path, te)
     ckpt = os.path.join(out_dir, name + ".safetensors")
-    _save(sd15_state_dict(unet, vae, te, seed=seed), ckpt,
+    _save(sd15_state_dict(unet, vae, te, seed=seed, dtype=dtype), ckpt,
           {"scfg_test_model": "sd15", "full_te_vae": str(bool(full_te_vae))})
     with open(os.path.join(out_dir, name + ".yaml"), "w") as fh:
         fh.write(sd15_yaml(unet, vae, clip_dir))
@@ -702,39 +743,69 @@ def openclip_text_spec(width: int, layers: int, heads_unused: int = 0, vocab: in
     return s
 
 
+OPENCLIP_G_WIDTH = 1280  # ViT-bigG/14 text tower; SDXL's context 2048 = 768 (CLIP-L) + 1280
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+
+
+@dataclass
+class SDXLTextConfig:
+    clip_l: CLIPTextConfig
+    openclip_layers: int
+
+
+def sdxl_configs(full_te_vae: bool = False, model_channels: int | None = None,
+                 unet_preset: str = "sdxl-small") -> tuple[UNetConfig, VAEConfig, SDXLTextConfig]:
+    """``full_te_vae``: the released sizes (CLIP-L 12 layers, bigG 32, VAE ch 128), which Forge needs."""
+    unet = sdxl_unet_config(unet_preset, model_channels)
+    vae = VAEConfig(ch=128 if full_te_vae else 32)
+    te = SDXLTextConfig(CLIPTextConfig(num_hidden_layers=12 if full_te_vae else 2),
+                        openclip_layers=32 if full_te_vae else 2)
+    return unet, vae, te
+
+
+def sdxl_text_specs(te: SDXLTextConfig) -> tuple[Spec, Spec]:
+    """Key/shape specs of SDXL's two text encoders: (CLIP-L, OpenCLIP bigG)."""
+    return (clip_text_spec(te.clip_l, prefix=SDXL_CLIP_L_PREFIX),
+            openclip_text_spec(OPENCLIP_G_WIDTH, te.openclip_layers, proj_dim=OPENCLIP_G_WIDTH))
+
+
+def sdxl_state_dict(unet: UNetConfig, vae: VAEConfig, te: SDXLTextConfig, seed: int = 0,
+                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    spec_l, spec_g = sdxl_text_specs(te)
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(random_tensors(unet_spec(unet), seed=seed, dtype=dtype))
+    sd.update(random_tensors(vae_spec(vae), seed=seed + 1, dtype=dtype))
+    sd.update(random_tensors(spec_l, seed=seed + 2, dtype=dtype))
+    sd[SDXL_CLIP_L_PREFIX + "embeddings.position_ids"] = \
+        torch.arange(te.clip_l.max_position_embeddings, dtype=torch.int64).unsqueeze(0)
+    g = random_tensors(spec_g, seed=seed + 3, dtype=dtype)
+    g["conditioner.embedders.1.model.logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    sd.update(g)
+    return sd
+
+
 def write_sdxl(out_dir: str, name: str = SDXL_NAME, seed: int = 0, model_channels: int | None = None,
                bpe_path: str | None = None, clip_dir: str | None = None,
-               unet_preset: str = "sdxl-small") -> str:
+               unet_preset: str = "sdxl-small", full_te_vae: bool = False,
+               dtype: torch.dtype = torch.float16) -> str:
     """SDXL-topology checkpoint (sgm key layout).
 
-    UNet: SDXL layout (channel_mult [1,2,4], attention at ds 2 and 4, linear
-    proj), context 2048 = 768 (CLIP-L) + 1280 (OpenCLIP bigG width), adm 2816;
-    ``sdxl-small``: model_channels 64, head width 16, one transformer per level;
+    UNet: SDXL layout (attention at ds 2 and 4, linear proj), context 2048 = 768 (CLIP-L) + 1280
+    (OpenCLIP bigG width), adm 2816; ``sdxl-small``: model_channels 64, head width 16, one transformer
+    per level; ``forge-sdxl-small``: 320 channels on every level, depths 1 and 2 (1 in the middle);
     ``sdxl-base``: the SDXL base UNet itself (2.6 G parameters, 5 GB in fp16).
-    Text encoders: CLIP-L with 2 layers and an OpenCLIP ViT-bigG text tower (width
-    1280) with 2 layers instead of 32.
-    NOTE: the yaml's FrozenOpenCLIPEmbedder2 builds ViT-bigG-14 with 32 layers;
+    Text encoders: CLIP-L and an OpenCLIP ViT-bigG text tower (width 1280), 2 layers each, or 12 and 32
+    (the released sizes) with ``full_te_vae``, which also writes the full SD VAE (ch 128).
+    NOTE: the yaml's FrozenOpenCLIPEmbedder2 builds ViT-bigG-14 with 32 layers; without ``full_te_vae``
     the WebUI loads with strict=False, so missing layers keep their init values.
     """
-    unet = sdxl_unet_config(unet_preset, model_channels)
-    vae = VAEConfig(ch=32)
-    te = CLIPTextConfig(num_hidden_layers=2)
+    unet, vae, te = sdxl_configs(full_te_vae, model_channels, unet_preset)
     clip_dir = clip_dir or os.path.join(out_dir, TOKENIZER_DIR)
-    write_clip_tokenizer(clip_dir, bpe_path, te)
-    sd: dict[str, torch.Tensor] = {}
-    sd.update(random_tensors(unet_spec(unet), seed=seed))
-    sd.update(random_tensors(vae_spec(vae), seed=seed + 1))
-    sd.update(random_tensors(clip_text_spec(te, prefix="conditioner.embedders.0.transformer.text_model."),
-                             seed=seed + 2))
-    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = \
-        torch.arange(te.max_position_embeddings, dtype=torch.int64).unsqueeze(0)
-    g = random_tensors(openclip_text_spec(1280, 2, proj_dim=1280), seed=seed + 3)
-    g["conditioner.embedders.1.model.logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=torch.float16)
-    sd.update(g)
+    write_clip_tokenizer(clip_dir, bpe_path, te.clip_l)
     ckpt = os.path.join(out_dir, name + ".safetensors")
-    _save(sd, ckpt, {"scfg_test_model": "sdxl"})
+    _save(sdxl_state_dict(unet, vae, te, seed=seed, dtype=dtype), ckpt, {"scfg_test_model": "sdxl"})
     with open(os.path.join(out_dir, name + ".yaml"), "w") as fh:
-        fh.write(sdxl_yaml(unet, vae, clip_dir, te.num_hidden_layers))
+        fh.write(sdxl_yaml(unet, vae, clip_dir, te.clip_l.num_hidden_layers))
     return ckpt
 
 
@@ -827,17 +898,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="checkpoint base name (default per kind)")
     ap.add_argument("--full-te-vae", action="store_true",
                     help="sd15: full-size CLIP-L (12 layers) + SD VAE (ch 128), e.g. for WebUI Forge")
+    ap.add_argument("--sdxl-full-te-vae", action="store_true",
+                    help="sdxl: full-size CLIP-L (12 layers) + OpenCLIP bigG (32 layers) + SD VAE (ch 128), "
+                         "as WebUI Forge needs (~1.8 GB in float16 before the UNet)")
     ap.add_argument("--unet", default=None, choices=sorted(UNET_PRESETS) + sorted(SDXL_UNET_PRESETS),
                     help="UNet preset; sd15/lora/controlnet (default sd15-small; forge-small: "
-                         "model_channels 320, 3 levels; forge-sd15-small: the UNet of "
-                         "tests/e2e/forge_models.py --unet small); sdxl (default sdxl-small; "
-                         "sdxl-base: the real SDXL base UNet, 5 GB)")
+                         "model_channels 320, 3 levels; forge-sd15-small: SD1.5 block layout, 320 channels "
+                         "on every level); sdxl (default sdxl-small; forge-sdxl-small: 320 channels on "
+                         "every level, depths 1/2, for Forge; sdxl-base: the real SDXL base UNet, 5 GB)")
     ap.add_argument("--forge", action="store_true",
                     help="sd15: shorthand for --full-te-vae --unet forge-small (loads in WebUI Forge too)")
     ap.add_argument("--model-channels", type=int, default=None,
                     help="UNet model_channels override (multiple of 32; default per preset)")
     ap.add_argument("--te-layers", type=int, default=None, help="sd15: text encoder layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                    help="sd15/sdxl: dtype of the checkpoint weights")
     ap.add_argument("--lora-std", type=float, default=0.02, help="lora: std of the down/up weights")
     ap.add_argument("--bpe", default=None, help="path of bpe_simple_vocab_16e6.txt.gz")
     ap.add_argument("--clip-dir", default=None, help="tokenizer/config folder (default OUT/clip-tokenizer)")
@@ -846,18 +922,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.forge:
         a.full_te_vae, a.unet = True, "forge-small"
     kinds = ["sd15", "sdxl", "lora"] if a.kind == "all" else [a.kind]
+    if a.full_te_vae and kinds == ["sdxl"]:  # it was silently ignored there; say what does it
+        ap.error("--full-te-vae is for sd15: with --kind sdxl use --sdxl-full-te-vae")
     if a.unet in SDXL_UNET_PRESETS and kinds != ["sdxl"]:
         ap.error(f"--unet {a.unet} is an SDXL preset: use it with --kind sdxl")
     if a.unet in UNET_PRESETS and "sdxl" in kinds:
         ap.error(f"--unet {a.unet} is an SD1.5 preset: with --kind sdxl use one of "
                  f"{sorted(SDXL_UNET_PRESETS)}")
     sdxl_unet, a.unet = a.unet or "sdxl-small", a.unet or "sd15-small"
+    dtype = getattr(torch, a.dtype)
     for k in kinds:
         if k == "sd15":
             p = write_sd15(a.out, a.name or SD15_NAME, a.full_te_vae, a.seed, a.model_channels, a.te_layers,
-                           a.bpe, a.clip_dir, a.unet)
+                           a.bpe, a.clip_dir, a.unet, dtype)
         elif k == "sdxl":
-            p = write_sdxl(a.out, a.name or SDXL_NAME, a.seed, a.model_channels, a.bpe, a.clip_dir, sdxl_unet)
+            p = write_sdxl(a.out, a.name or SDXL_NAME, a.seed, a.model_channels, a.bpe, a.clip_dir, sdxl_unet,
+                           a.sdxl_full_te_vae, dtype)
         elif k == "controlnet":
             p = write_controlnet(a.out, a.name or CONTROLNET_NAME, a.seed, a.model_channels, a.unet)
         else:

@@ -1,7 +1,8 @@
 """End-to-end: S-CFG in a running WebUI Forge, through its HTTP API, judged by its effects.
 
 Set SCFG_FORGE_URL (e.g. http://127.0.0.1:7862) to a Forge started with --api, this extension
-installed and an SD1.x or SDXL checkpoint loaded (random weights are fine: tests/e2e/forge_models.py).
+installed and an SD1.x or SDXL checkpoint loaded (random weights are fine: tests/e2e/models.py --kind sd15
+--full-te-vae --unet forge-sd15-small, or --kind sdxl --sdxl-full-te-vae --unet forge-sdxl-small).
 Everything is 64x64 with 4 Euler steps and a fixed seed, so the suite runs in minutes on 2 CPU cores.
 Each case compares images pixel by pixel with S-CFG on, off, and with its rate forced to 1
 (min_rate = max_rate = 1, which must give plain CFG bit for bit), and reads GET /scfg/v1/status.
@@ -336,7 +337,7 @@ def _unit(model="None", module="None", flip=False, **extra):
 
 def _control_model():
     """The ``<checkpoint>-controlnet`` model of the loaded checkpoint (tests/e2e/models.py --kind controlnet
-    --unet forge-sd15-small for forge_models.py's small SD1.5), by its full "name [hash]"."""
+    --unet forge-sd15-small for a checkpoint written with that UNet), by its full "name [hash]"."""
     code, body = call("/controlnet/model_list")
     if code != 200:
         pytest.skip("Forge's ControlNet (sd_forge_controlnet) does not answer /controlnet/model_list")

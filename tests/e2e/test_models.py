@@ -121,19 +121,119 @@ def test_controlnet_spec_matches_released_sd15_controlnet_layout():
     assert all(unet[k] == v for k, v in spec.items() if k.startswith(("input_blocks.", "middle_block.")))
 
 
-def test_controlnet_and_lora_follow_the_forge_checkpoint_unet(monkeypatch):
-    """--unet forge-sd15-small is the UNet that tests/e2e/forge_models.py --unet small writes."""
-    from tests.e2e import forge_models as F
+def _input_depths(spec, prefix="model.diffusion_model."):
+    """Transformer blocks after each input res block, as Forge reads them from the weights."""
+    depths = []
+    for i in range(1, 12):
+        if prefix + f"input_blocks.{i}.0.in_layers.2.weight" not in spec:
+            continue  # a downsample block, or past the last level
+        depths.append(sum(1 for d in range(20)
+                          if prefix + f"input_blocks.{i}.1.transformer_blocks.{d}.attn1.to_q.weight" in spec))
+    return depths
 
-    monkeypatch.setattr(F._Builder, "_randn", lambda self, *shape, std=None: torch.zeros(()).expand(*shape))
-    builder = F._Builder(torch.Generator(), 0.02, torch.float16)
-    F.add_unet(builder, "", **F.unet_layout(None, "small"))
-    forge = {k: tuple(v.shape) for k, v in builder.sd.items()}
+
+def test_forge_sd15_small_unet_has_sd15_block_indices_at_320_channels():
+    """Forge takes a UNet for SD1.5 by its shapes: model_channels 320, context 768, conv proj_in, no
+    label_emb; a control model / LoRA written with the same preset fits it."""
     cfg = M.unet_config("forge-sd15-small")
-    assert M.unet_spec(cfg, prefix="") == forge
+    spec = M.unet_spec(cfg)
+    full = M.unet_spec(M.UNetConfig(model_channels=320))
+    p = "model.diffusion_model."
+    # the real SD1.5 names, less the two input skip connections that only a width change needs
+    assert set(full) - set(spec) == {p + f"input_blocks.{i}.0.skip_connection.{w}" for i in (4, 7)
+                                     for w in ("weight", "bias")}
+    assert set(spec) <= set(full)
+    assert _input_depths(spec) == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert spec[p + "input_blocks.0.0.weight"] == (320, 4, 3, 3)
+    assert spec[p + "input_blocks.8.1.proj_in.weight"] == (320, 320, 1, 1)
+    assert spec[p + "input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
+    assert spec[p + "middle_block.1.transformer_blocks.0.attn2.to_v.weight"] == (320, 768)
+    assert spec[p + "output_blocks.5.1.proj_out.weight"] == (320, 320, 1, 1)
+    assert spec[p + "output_blocks.2.1.conv.weight"] == (320, 320, 3, 3)
+    assert not any(".label_emb." in k for k in spec)
     control = M.controlnet_spec(cfg)
     assert all(control[f"zero_convs.{i}.0.weight"] == (320, 320, 1, 1) for i in range(12))
-    assert all(forge[k] == v for k, v in control.items() if k.startswith(("input_blocks.", "middle_block.")))
+    unet = M.unet_spec(cfg, prefix="")
+    assert all(unet[k] == v for k, v in control.items() if k.startswith(("input_blocks.", "middle_block.")))
+
+
+def test_forge_sdxl_small_unet_depths_and_widths():
+    """Forge files input transformer depths [0,0,1,1,2,2] under SDXL; context 2048, adm 2816, linear proj."""
+    spec = M.unet_spec(M.sdxl_unet_config("forge-sdxl-small"))
+    p = "model.diffusion_model."
+    assert _input_depths(spec) == [0, 0, 1, 1, 2, 2]
+    assert p + "middle_block.1.transformer_blocks.0.attn1.to_q.weight" in spec
+    assert p + "middle_block.1.transformer_blocks.1.attn1.to_q.weight" not in spec
+    assert spec[p + "input_blocks.0.0.weight"] == (320, 4, 3, 3)
+    assert spec[p + "label_emb.0.0.weight"] == (1280, 2816)
+    assert spec[p + "input_blocks.8.1.proj_in.weight"] == (320, 320)
+    assert spec[p + "input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight"] == (320, 2048)
+    assert spec[p + "output_blocks.0.1.transformer_blocks.1.ff.net.0.proj.weight"] == (2560, 320)
+    assert p + "output_blocks.6.1.proj_in.weight" not in spec  # no attention at full latent size
+    assert spec[p + "output_blocks.5.2.conv.weight"] == (320, 320, 3, 3)
+    assert _input_depths(M.unet_spec(M.sdxl_unet_config("sdxl-base"))) == [0, 0, 2, 2, 10, 10]
+
+
+def test_sdxl_full_te_vae_has_released_text_encoder_and_vae_sizes():
+    """Forge builds SDXL's CLIP-L, OpenCLIP bigG and VAE from fixed configs: the weights must be full size."""
+    _, vae, te = M.sdxl_configs(full_te_vae=True, unet_preset="forge-sdxl-small")
+    spec_l, spec_g = M.sdxl_text_specs(te)
+    lp, gp = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+    assert all(k.startswith(lp) for k in spec_l) and all(k.startswith(gp) for k in spec_g)
+    assert len(spec_l) == 196 and sum(math.prod(s) for s in spec_l.values()) == 123_060_480
+    assert spec_l[lp + "encoder.layers.11.mlp.fc1.weight"] == (3072, 768)
+    assert lp + "encoder.layers.12.mlp.fc1.weight" not in spec_l
+    assert spec_l[lp + "embeddings.token_embedding.weight"] == (49408, 768)
+    assert spec_g[gp + "transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert spec_g[gp + "transformer.resblocks.31.mlp.c_fc.weight"] == (5120, 1280)
+    assert gp + "transformer.resblocks.32.ln_1.weight" not in spec_g
+    assert spec_g[gp + "token_embedding.weight"] == (49408, 1280)
+    assert spec_g[gp + "positional_embedding"] == (77, 1280)
+    assert spec_g[gp + "text_projection"] == (1280, 1280)
+    assert sum(math.prod(s) for s in spec_g.values()) == 694_659_841  # the released bigG text tower + scale
+    v = M.vae_spec(vae)
+    assert v["first_stage_model.decoder.up.3.block.0.conv1.weight"] == (512, 512, 3, 3)
+    assert v["first_stage_model.encoder.conv_in.weight"] == (128, 3, 3, 3)
+    _, small_vae, small_te = M.sdxl_configs()  # the default stays small
+    assert (small_vae.ch, small_te.clip_l.num_hidden_layers, small_te.openclip_layers) == (32, 2, 2)
+
+
+def test_sdxl_state_dict_keys_and_fixed_tensors(monkeypatch):
+    """Every spec key is written, plus int64 position_ids and a scalar logit_scale in the chosen dtype."""
+    monkeypatch.setattr(M, "random_tensors", lambda spec, seed=0, std=0.02, dtype=torch.float16:
+                        {k: torch.empty(s, dtype=dtype, device="meta") for k, s in spec.items()})
+    unet, vae, te = M.sdxl_configs(full_te_vae=True, unet_preset="forge-sdxl-small")
+    sd = M.sdxl_state_dict(unet, vae, te, dtype=torch.float32)
+    spec_l, spec_g = M.sdxl_text_specs(te)
+    expected = {**M.unet_spec(unet), **M.vae_spec(vae), **spec_l, **spec_g}
+    ids = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+    assert set(sd) == set(expected) | {ids}
+    assert all(tuple(sd[k].shape) == s for k, s in expected.items())
+    assert sd[ids].dtype == torch.int64 and sd[ids].tolist() == [list(range(77))]
+    scale = sd["conditioner.embedders.1.model.logit_scale"]
+    assert scale.shape == () and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert sd[next(iter(spec_g))].dtype == torch.float32
+
+
+def test_cli_refuses_sd15_te_vae_flag_for_sdxl(tmp_path):
+    with pytest.raises(SystemExit):
+        M.main(["--out", str(tmp_path), "--kind", "sdxl", "--full-te-vae"])
+
+
+def test_save_writes_metadata_in_sorted_order(tmp_path):
+    """safetensors orders a multi-key metadata map at random per process; sorted, the file hash is stable."""
+    from safetensors.torch import load_file
+
+    meta = {k: str(i) for i, k in enumerate("fdbeca")}
+    path = tmp_path / "x.safetensors"
+    M._save({"w": torch.arange(6.0)}, str(path), meta)
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(meta)
+    assert header["__metadata__"] == meta
+    assert load_file(str(path))["w"].tolist() == list(range(6))
+    assert not (tmp_path / "x.safetensors.tmp").exists()
 
 
 def test_write_controlnet_and_lora(tmp_path):
