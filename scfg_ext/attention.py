@@ -1,8 +1,10 @@
 """Attention maps and their self-attention refinement (paper §4.1, eq. 10).
 
 Every function here takes head-split-free tensors as the WebUIs hand them over:
-queries and keys are ``[rows, tokens, heads * dim_head]``. All arithmetic is fp32; results
-come back in the dtype and on the device of the input maps.
+queries and keys are ``[rows, tokens, heads * dim_head]``. Arithmetic is fp32, except that on a
+GPU half-precision queries and keys give half-precision logits and softmax (as the attention's own
+SDPA computes them) before the head mean, which is taken in fp32. Results come back in the dtype
+and on the device of the input maps.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def refine(self_attn: torch.Tensor, cross_attn: torch.Tensor, steps: int = 4,
     return out.to(cross_attn.dtype)
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[rows, T, heads*d] -> [rows, heads, T, d] in fp32."""
-    return rearrange(x.float(), "b t (h d) -> b h t d", h=heads)
+def split_heads(x: torch.Tensor, heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[rows, T, heads*d] -> [rows, heads, T, d] in ``dtype``."""
+    return rearrange(x.to(dtype), "b t (h d) -> b h t d", h=heads)
 
 
 # On the CPU a [rows, heads, chunk, T] logits block per chunk is memory-bound (the matmul, the
@@ -98,7 +100,7 @@ def _head_mean_chunks(qh: torch.Tensor, kt: torch.Tensor, budget_bytes: int):
     if not _one_head_at_a_time(qh.device):
         chunk = _query_chunk(rows * heads * t * 4, budget_bytes)
         for i in range(0, n, chunk):
-            yield i, torch.matmul(qh[:, :, i:i + chunk], kt).softmax(-1).mean(1)
+            yield i, torch.matmul(qh[:, :, i:i + chunk], kt).softmax(-1).mean(1, dtype=torch.float32)
         return
     # held per query: the [rows, m, T] sum, one head's logits and its softmax
     chunk = min(_query_chunk((rows + 2) * t * 4, budget_bytes), _query_chunk(t * 4, CPU_BLOCK_BYTES))
@@ -118,16 +120,24 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float |
     Per-head probabilities exist only for a chunk of queries at a time.
     """
     qh, kt = _scaled_queries_and_keys(q, k, heads, scale)
-    out = qh.new_empty(qh.shape[0], qh.shape[2], kt.shape[-1])
+    out = torch.empty(qh.shape[0], qh.shape[2], kt.shape[-1], device=qh.device)
     for i, probs in _head_mean_chunks(qh, kt, budget_bytes):
         out[:, i:i + probs.shape[1]] = probs
     return out
 
 
+def _logits_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp16/bf16 stay so on a GPU: the N×N logits are the cost there (memory traffic), and the
+    UNet's attention itself works at that precision. The CPU path is fp32."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return q.dtype if half and not _one_head_at_a_time(q.device) else torch.float32
+
+
 def _scaled_queries_and_keys(q, k, heads, scale):
     """[rows, heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
-    logits) and [rows, heads, d, T] keys, fp32."""
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    logits) and [rows, heads, d, T] keys, in the logits' dtype."""
+    dtype = _logits_dtype(q)
+    qh, kh = split_heads(q, heads, dtype), split_heads(k, heads, dtype)
     scale = qh.shape[-1] ** -0.5 if scale is None else scale
     return qh * scale, kh.transpose(-1, -2)
 

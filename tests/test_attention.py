@@ -126,6 +126,25 @@ def test_streamed_never_builds_a_full_self_map(per_head, monkeypatch):
     assert logits and all(s[-2] <= 8 for s in logits)
 
 
+@BOTH_WAYS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_give_half_logits_on_a_gpu_only(per_head, dtype, monkeypatch):
+    """All heads at once (the GPU way) keeps half q/k for the logits; one head at a time (the CPU
+    way) computes them in fp32. Either way the head mean comes back fp32 and close to fp32 math."""
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(real(a, b)) or seen[-1])
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 64, 4 * 16, generator=g), torch.randn(2, 64, 4 * 16, generator=g)
+    with head_blocks(per_head):
+        out = head_mean_probs(q.to(dtype), k.to(dtype), 4)
+    assert out.dtype == torch.float32
+    assert {t.dtype for t in seen} == {torch.float32 if per_head else dtype}
+    expected = reference_head_mean(q.to(dtype).float(), k.to(dtype).float(), 4, 16 ** -0.5)
+    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
+    torch.testing.assert_close(out, expected, atol=tol * expected.max().item(), rtol=0)
+
+
 def test_half_precision_in_fp32_inside():
     q, k = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
     c = probs(2, 16, 6)
