@@ -654,6 +654,19 @@ def test_teardown_makes_a_lingering_clone_pass_through(fake_forge):
     assert torch.equal(out, plain) and report.applied == 0
 
 
+def test_teardown_mid_step_drops_the_armed_latent(fake_forge):
+    """Interrupted between the conditioning modifier and the pre-cfg: nothing of the step is kept."""
+    p = make_p()
+    fake_forge.setup(p, make_params(enabled=True), RunReport())
+    run_state = fake_forge._current[3]
+    options = p.sd_model.forge_objects.unet.model_options
+    options["conditioning_modifiers"][0](None, latent(1), None, conds(1, (2,)), conds(1, (1,)), 7.0,
+                                         options, 0)
+    assert run_state.armed is not None
+    fake_forge.teardown()
+    assert run_state.armed is None and run_state.capture is None and run_state.p is None
+
+
 def test_unsupported_models(fake_forge):
     p = make_p()
     assert fake_forge.unsupported_reason(p) is None

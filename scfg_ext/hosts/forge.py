@@ -232,7 +232,7 @@ class _Run:
         """Teardown: every hook of this run passes through from now on; drop references."""
         self.active = False
         self._reset(None)
-        self.p = None
+        self.p = self.armed = None
 
     # ----- one step ---------------------------------------------------------------------
     def _reset(self, capture) -> None:
