@@ -471,6 +471,16 @@ def _vae_params_yaml(vae, extra: str = "") -> str:
 """
 
 
+def _unet_params_yaml(unet) -> str:
+    """The UNet size lines shared by the ldm (SD1) and sgm (SDXL) configs."""
+    return f"""        in_channels: {unet.in_channels}
+        out_channels: {unet.out_channels}
+        model_channels: {unet.model_channels}
+        attention_resolutions: {_ylist(unet.attention_resolutions)}
+        num_res_blocks: {unet.num_res_blocks}
+        channel_mult: {_ylist(unet.channel_mult)}"""
+
+
 def _ylist(xs: Iterable) -> str:
     return "[" + ", ".join(str(x) for x in xs) + "]"
 
@@ -500,12 +510,7 @@ model:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
         image_size: 32 # unused
-        in_channels: {unet.in_channels}
-        out_channels: {unet.out_channels}
-        model_channels: {unet.model_channels}
-        attention_resolutions: {_ylist(unet.attention_resolutions)}
-        num_res_blocks: {unet.num_res_blocks}
-        channel_mult: {_ylist(unet.channel_mult)}
+{_unet_params_yaml(unet)}
         num_heads: {unet.num_heads}
         use_spatial_transformer: True
         transformer_depth: {unet.transformer_depth[0]}
@@ -550,12 +555,7 @@ model:
         adm_in_channels: {unet.adm_in_channels}
         num_classes: sequential
         use_checkpoint: False
-        in_channels: {unet.in_channels}
-        out_channels: {unet.out_channels}
-        model_channels: {unet.model_channels}
-        attention_resolutions: {_ylist(unet.attention_resolutions)}
-        num_res_blocks: {unet.num_res_blocks}
-        channel_mult: {_ylist(unet.channel_mult)}
+{_unet_params_yaml(unet)}
         num_head_channels: {unet.num_head_channels}
         use_spatial_transformer: True
         use_linear_in_transformer: True
