@@ -320,17 +320,26 @@ def clip_text_spec(cfg: CLIPTextConfig, prefix: str = "cond_stage_model.transfor
 
 def _is_norm(key: str) -> bool:
     return any(t in key for t in (".norm", "norm1", "norm2", "norm3", "layer_norm", "norm_out",
-                                  "in_layers.0.", "out_layers.0.", "out.0.", "final_layer_norm"))
+                                  "in_layers.0.", "out_layers.0.", "out.0.", "final_layer_norm", ".ln_1.",
+                                  ".ln_2.", "ln_final"))
+
+
+TEXT_FINAL_NORM_BIASES = ("final_layer_norm.bias", "ln_final.bias")
 
 
 def random_tensors(spec: Spec, seed: int = 0, std: float = 0.02,
                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Small random weights: N(0, std) for weights, 0 for biases, 1/0 for norms."""
+    """Small random weights: N(0, std) for weights, 0 for biases, 1/0 for norms (the text
+    encoders' final norm: a bias of mean 0.25)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(spec):
         shape = spec[key]
-        if _is_norm(key) and len(shape) == 1:
+        if key.endswith(TEXT_FINAL_NORM_BIASES):
+            # A real text encoder's last LayerNorm has a bias, so its outputs have a non-zero mean;
+            # A1111's default emphasis rescales each chunk by old_mean/new_mean (0/0 without it).
+            t = 0.25 + 0.5 * torch.randn(shape, generator=g)
+        elif _is_norm(key) and len(shape) == 1:
             t = torch.ones(shape) if key.endswith(".weight") else torch.zeros(shape)
         elif key.endswith(".bias"):
             t = torch.zeros(shape)

@@ -247,3 +247,20 @@ def test_write_controlnet_and_lora(tmp_path):
     key = "lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k.lora_down.weight"
     assert lora[key].shape == (4, 768)
     assert lora["lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k.lora_up.weight"].shape == (320, 4)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_text_encoder_outputs_have_a_non_zero_mean(kind):
+    """The last LayerNorm's output averages to mean(bias) per token (weight 1): with bias 0 every
+    token's mean is 0 and A1111's default emphasis divides 0 by 0 for a reweighted chunk."""
+    if kind == "sd15":
+        unet, vae, te = M.sd15_configs()
+        sd = M.sd15_state_dict(unet, vae, te, dtype=torch.float32)
+    else:
+        unet, vae, te = M.sdxl_configs()
+        sd = M.sdxl_state_dict(unet, vae, te, dtype=torch.float32)
+    biases = [v for k, v in sd.items() if k.endswith(M.TEXT_FINAL_NORM_BIASES)]
+    assert len(biases) == (1 if kind == "sd15" else 2)
+    assert all(float(b.mean()) > 0.1 for b in biases)
+    assert all(float(w.mean()) == 1.0 for k, w in sd.items()
+               if k.endswith(("final_layer_norm.weight", "ln_final.weight")))
