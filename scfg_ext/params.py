@@ -35,7 +35,7 @@ FIELDS: tuple[Field, ...] = (
     Field("enabled", False, ""),
     Field("strength", 1.0, "strength", 0.0, 3.0),
     Field("preset", "official", "preset", choices=PRESETS),
-    Field("steps", 4, "R", 1, 8),
+    Field("refine_power", 4, "refine power", 1, 8),
     Field("region", "foreground", "region", choices=REGIONS),
     Field("min_rate", 0.8, "min rate", 0.0, 5.0),
     Field("max_rate", 3.0, "max rate", 0.0, 10.0),
@@ -50,6 +50,9 @@ FIELDS: tuple[Field, ...] = (
     Field("show_maps", False, "show maps"),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
+# Earlier names, still accepted so that old API clients and old images' infotexts keep working.
+OLD_NAMES = {"steps": "refine_power"}
+OLD_INFOTEXT_KEYS = {f"{INFOTEXT_PREFIX} R": "refine_power"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class ScfgParams:
     enabled: bool = False
     strength: float = 1.0
     preset: str = "official"
-    steps: int = 4
+    refine_power: int = 4  # R of eq. 10: how many self-attention powers are averaged
     region: str = "foreground"
     min_rate: float = 0.8
     max_rate: float = 3.0
@@ -164,6 +167,11 @@ def make_params(**values) -> ScfgParams:
     if test_fault not in TEST_FAULTS:
         raise ScfgParamError(f"S-CFG parameter 'test_fault' must be one of {TEST_FAULTS}, got {test_fault!r}")
     api_previews = _coerce(Field("api_previews", False, ""), values.pop("api_previews", False))
+    for old, new in OLD_NAMES.items():
+        if old in values:
+            if new in values:
+                raise ScfgParamError(f"S-CFG parameter '{old}' is the old name of '{new}': give one of them")
+            values[new] = values.pop(old)
     unknown = set(values) - set(FIELD_BY_NAME)
     if unknown:
         raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
@@ -215,7 +223,8 @@ def from_infotext(pairs: dict[str, str]) -> ScfgParams:
     """
     if INFOTEXT_PREFIX not in pairs:
         return ScfgParams()
-    values = {f.name: pairs[infotext_key(f)] for f in FIELDS if infotext_key(f) in pairs}
+    values = {name: pairs[key] for key, name in OLD_INFOTEXT_KEYS.items() if key in pairs}
+    values.update({f.name: pairs[infotext_key(f)] for f in FIELDS if infotext_key(f) in pairs})
     values["enabled"] = pairs[INFOTEXT_PREFIX]
     return make_params(**values)
 

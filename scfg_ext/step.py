@@ -67,7 +67,7 @@ class StepCapture:
             raise CaptureError(f"cross-attention of {block}: tokens {q.shape[1]} != {size[0]}x{size[1]}")
         _, q1, k1, heads1, scale1 = stashed
         cross = head_mean_probs(q, k, heads, scale, self.budget)
-        refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.steps,
+        refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.refine_power,
                                   self.params.refine_mode, self.budget)
         fusion = self._fusions.get(rows)
         if fusion is None or block in fusion.blocks:

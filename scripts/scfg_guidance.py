@@ -20,7 +20,7 @@ from scfg_ext import (
     to_infotext,
 )
 from scfg_ext.hosts import adapter, detect_host
-from scfg_ext.params import FIELD_BY_NAME, infotext_key
+from scfg_ext.params import FIELD_BY_NAME, OLD_INFOTEXT_KEYS, infotext_key
 from scfg_ext.preview import render, split_and
 from scfg_ext.report import RunReport
 from scfg_ext.webapi import ApiArgsCheck, status_payload
@@ -33,7 +33,7 @@ LAST = {"report": RunReport(host=HOST), "error": None}
 TIPS = {
     "strength": "0 = plain CFG, 1 = the paper's per-region scales, above 1 exaggerates the differences.",
     "preset": "official: the authors' code ((S+3S²)/4, smoothing). paper: eq. 9, 10 and 14 as printed.",
-    "steps": "R, the number of self-attention powers averaged in the paper preset (eq. 10).",
+    "refine_power": "R, the number of self-attention powers averaged in the paper preset (eq. 10).",
     "region": "Benchmark region of eq. 13: the foreground (eq. 14) or the whole image (S-CFG-mean).",
     "min_rate": "Lowest per-region scale, as a multiple of the CFG scale.",
     "max_rate": "Highest per-region scale, as a multiple of the CFG scale.",
@@ -259,6 +259,9 @@ def _on_infotext_pasted(infotext, params):
     """Pasting an S-CFG infotext that lacks some keys (older versions) restores their defaults."""
     if "S-CFG" not in params:
         return
+    for key, name in OLD_INFOTEXT_KEYS.items():  # images made before a parameter was renamed
+        if key in params:
+            params.setdefault(infotext_key(FIELD_BY_NAME[name]), params[key])
     for field in FIELDS[1:]:
         params.setdefault(infotext_key(field), str(FIELD_BY_NAME[field.name].default))
 

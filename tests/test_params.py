@@ -17,7 +17,7 @@ from scfg_ext.webapi import api_args_error
 
 def test_defaults_are_the_authors():
     p = ScfgParams()
-    assert (p.enabled, p.preset, p.steps, p.min_rate, p.max_rate, p.max_scale) == \
+    assert (p.enabled, p.preset, p.refine_power, p.min_rate, p.max_rate, p.max_scale) == \
         (False, "official", 4, 0.8, 3.0, 15.0)
     named_only = ("api_previews", "test_fault")
     assert [f.name for f in FIELDS] == [n for n in ScfgParams.__dataclass_fields__ if n not in named_only]
@@ -28,7 +28,7 @@ valid = st.fixed_dictionaries({
     "enabled": st.booleans(),
     "strength": st.floats(0, 3).map(lambda x: round(x, 3)),
     "preset": st.sampled_from(["official", "paper"]),
-    "steps": st.integers(1, 8),
+    "refine_power": st.integers(1, 8),
     "region": st.sampled_from(["foreground", "mean"]),
     "min_rate": st.floats(0, 2).map(lambda x: round(x, 3)),
     "max_rate": st.floats(2, 10).map(lambda x: round(x, 3)),
@@ -73,8 +73,8 @@ def test_missing_trailing_args_take_defaults():
 @pytest.mark.parametrize("name,value,message", [
     ("min_rate", 7, r"'min_rate' must be in \[0.0, 5.0\], got 7"),
     ("preset", "fancy", "'preset' must be one of official, paper"),
-    ("steps", 2.5, r"'steps' must be in \[1, 8\]"),
-    ("steps", 0, r"'steps' must be in \[1, 8\]"),
+    ("refine_power", 2.5, r"'refine_power' must be in \[1, 8\]"),
+    ("refine_power", 0, r"'refine_power' must be in \[1, 8\]"),
     ("strength", "strong", r"'strength' must be in \[0.0, 3.0\]"),
     ("enabled", "maybe", "'enabled'"),
     ("levels", "3", "'levels' must be 'auto' or comma-separated"),
@@ -118,3 +118,16 @@ def test_api_args_error():
     assert api_args_error({"alwayson_scripts": {"ControlNet": {"args": [1, 2, 3]}}}) is None
     assert api_args_error({"prompt": "no scripts"}) is None
     assert "must be a list" in api_args_error({"alwayson_scripts": {"S-CFG": {"args": "x"}}})
+
+
+def test_old_name_of_refine_power_is_accepted_in_named_args_and_infotext():
+    """`steps` (R of eq. 10) was renamed: old API clients and old images' infotexts still work."""
+    assert from_script_args([{"enabled": True, "steps": 3}]).refine_power == 3
+    assert from_infotext({"S-CFG": "True", "S-CFG R": "2"}).refine_power == 2
+    new = to_infotext(make_params(enabled=True, refine_power=5))
+    assert new["S-CFG refine power"] == "5" and "S-CFG R" not in new
+    assert from_infotext({**new, "S-CFG R": "2"}).refine_power == 5  # the new key wins
+    with pytest.raises(ScfgParamError, match="'steps' is the old name of 'refine_power'"):
+        make_params(steps=2, refine_power=3)
+    with pytest.raises(ScfgParamError, match=r"'refine_power' must be in \[1, 8\]"):
+        make_params(steps=9)

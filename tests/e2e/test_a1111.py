@@ -137,7 +137,7 @@ def test_effect_rate_one_and_status():
 
 
 def test_infotext_holds_every_parameter():
-    params = make_params(enabled=True, strength=1.5, preset="paper", steps=3, region="mean",
+    params = make_params(enabled=True, strength=1.5, preset="paper", refine_power=3, region="mean",
                          min_rate=0.7, max_rate=2.5, max_scale=12.0, start=0.1, end=0.9,
                          levels="4,8", hires="own", hires_strength=0.5)
     result = generate({"S-CFG": {"args": [getattr(params, f.name) for f in FIELDS]}})

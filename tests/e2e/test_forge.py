@@ -126,7 +126,7 @@ def test_scfg_changes_the_image_and_rate_one_is_plain_cfg():
 
 
 def test_infotext_holds_every_parameter():
-    result = generate([scfg(strength=1.5, preset="paper", steps=3, min_rate=0.7, levels="4,8")])
+    result = generate([scfg(strength=1.5, preset="paper", refine_power=3, min_rate=0.7, levels="4,8")])
     keys = [infotext_key(f) for f in FIELDS]
     assert all(f"{k}: " in result.infotext for k in keys), result.infotext
     assert "S-CFG strength: 1.5" in result.infotext and 'S-CFG levels: "4,8"' in result.infotext
