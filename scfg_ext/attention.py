@@ -9,13 +9,12 @@ and on the device of the input maps.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from einops import rearrange
 
-REFINE_MODES = ("official", "paper", "none")
+REFINE_MODES = ("official", "paper")
 
 # Above this many bytes for one materialised head-averaged self-attention map (all rows), the
 # refinement streams over query chunks instead. 64 MiB holds SD1.5 and SDXL's 32x32 level easily
@@ -29,7 +28,6 @@ def power_weights(mode: str, steps: int = 4) -> list[float]:
     ``paper``    (eq. 10): w_r = 1/R for r = 1..R.
     ``official`` (the authors' code): (S + 3·S²)/4 whatever R is, since their loop recomputes
                  S@S instead of raising the power.
-    ``none``     : no refinement, C' = C (an empty list).
     """
     if mode == "official":
         return [0.25, 0.75]
@@ -37,16 +35,12 @@ def power_weights(mode: str, steps: int = 4) -> list[float]:
         if steps < 1:
             raise ValueError(f"refinement steps must be >= 1, got {steps}")
         return [1.0 / steps] * steps
-    if mode == "none":
-        return []
     raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
 
 
 def refine_with(apply_self: Callable[[torch.Tensor], torch.Tensor], cross_attn: torch.Tensor,
                 weights: list[float]) -> torch.Tensor:
     """Σ_r w_r · S^r · C computed as repeated products Y_r = S · Y_{r-1}, never S·S (eq. 10)."""
-    if not weights:
-        return cross_attn
     refined = torch.zeros_like(cross_attn)
     y = cross_attn
     for w in weights:
@@ -113,30 +107,32 @@ def _head_mean_chunks(qh: torch.Tensor, kt: torch.Tensor, budget_bytes: int):
 
 
 def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
-                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False) -> torch.Tensor:
     """mean_h softmax(q_h · k_hᵀ · scale): head-averaged attention probabilities.
 
     q: [rows, N, heads*d], k: [rows, T, heads*d]  ->  [rows, N, T] fp32.
-    Per-head probabilities exist only for a chunk of queries at a time.
+    Per-head probabilities exist only for a chunk of queries at a time. ``upcast``: fp32 logits
+    whatever the dtype of q/k.
     """
-    qh, kt = _scaled_queries_and_keys(q, k, heads, scale)
+    qh, kt = _scaled_queries_and_keys(q, k, heads, scale, upcast)
     out = torch.empty(qh.shape[0], qh.shape[2], kt.shape[-1], device=qh.device)
     for i, probs in _head_mean_chunks(qh, kt, budget_bytes):
         out[:, i:i + probs.shape[1]] = probs
     return out
 
 
-def _logits_dtype(q: torch.Tensor) -> torch.dtype:
+def _logits_dtype(q: torch.Tensor, upcast: bool = False) -> torch.dtype:
     """fp16/bf16 stay so on a GPU: the N×N logits are the cost there (memory traffic), and the
-    UNet's attention itself works at that precision. The CPU path is fp32."""
+    UNet's attention itself works at that precision, unless the host upcasts its attention to
+    fp32 (SD2.x overflows in fp16). The CPU path is fp32."""
     half = q.dtype in (torch.float16, torch.bfloat16)
-    return q.dtype if half and not _one_head_at_a_time(q.device) else torch.float32
+    return q.dtype if half and not upcast and not _one_head_at_a_time(q.device) else torch.float32
 
 
-def _scaled_queries_and_keys(q, k, heads, scale):
+def _scaled_queries_and_keys(q, k, heads, scale, upcast=False):
     """[rows, heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
     logits) and [rows, heads, d, T] keys, in the logits' dtype."""
-    dtype = _logits_dtype(q)
+    dtype = _logits_dtype(q, upcast)
     qh, kh = split_heads(q, heads, dtype), split_heads(k, heads, dtype)
     scale = qh.shape[-1] ** -0.5 if scale is None else scale
     return qh * scale, kh.transpose(-1, -2)
@@ -155,7 +151,7 @@ def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor,
 
 def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, heads: int,
                     scale: float | None = None, steps: int = 4, mode: str = "official",
-                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+                    budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False) -> torch.Tensor:
     """Refine cross-attention (eq. 10) from the self-attention's queries and keys.
 
     q, k:       [rows, N, heads*d] self-attention queries and keys of one block.
@@ -165,14 +161,12 @@ def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, 
     chunk by chunk. Returns [rows, N, L] in ``cross_attn``'s dtype.
     """
     weights = power_weights(mode, steps)
-    if not weights:
-        return cross_attn
     rows, n, _ = q.shape
     if n * n * rows * 4 <= budget_bytes:
-        s = head_mean_probs(q, k, heads, scale, budget_bytes)
+        s = head_mean_probs(q, k, heads, scale, budget_bytes, upcast)
         out = refine_with(lambda y: torch.bmm(s, y), cross_attn.float(), weights)
         return out.to(cross_attn.dtype)
-    qh, kt = _scaled_queries_and_keys(q, k, heads, scale)
+    qh, kt = _scaled_queries_and_keys(q, k, heads, scale, upcast)
     apply_self = _streamed_self_product(qh, kt, budget_bytes)
     return refine_with(apply_self, cross_attn.float(), weights).to(cross_attn.dtype)
 
@@ -183,18 +177,3 @@ def peak_bytes(rows: int, n: int, heads: int, context: int,
     maps = 3 * rows * n * context * 4  # C, Y and the running sum
     dense = rows * n * n * 4
     return maps + (dense if dense <= budget_bytes else 0) + min(budget_bytes, rows * heads * n * n * 4)
-
-
-def grid_factor(height: int, width: int, n: int, max_factor: int = 64) -> tuple[int, int] | None:
-    """The (h, w) of a UNet level with n tokens for a latent of height×width, if any.
-
-    Downsampling convs round up, so level f has ceil(H/f)·ceil(W/f) tokens; the product falls
-    strictly with f, so at most one f matches.
-    """
-    f = 1
-    while f <= max_factor:
-        h, w = math.ceil(height / f), math.ceil(width / f)
-        if h * w == n:
-            return h, w
-        f *= 2
-    return None

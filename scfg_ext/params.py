@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .attention import REFINE_MODES
 from .segment import PRESETS, REGIONS
 
 HIRES_MODES = ("same", "off", "own")
@@ -78,10 +77,6 @@ class ScfgParams:
     # fallback path: "cross_attention" or "result" makes that stage of every step raise.
     api_previews: bool = False
     test_fault: str = ""
-
-    @property
-    def refine_mode(self) -> str:
-        return self.preset if self.preset in REFINE_MODES else "official"
 
     def for_hires(self) -> ScfgParams | None:
         """The parameters of the hires-fix pass: the same, none (off), or the hires values."""

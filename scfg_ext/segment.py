@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .levels import finest_grid
+
 PRESETS = ("official", "paper")
 REGIONS = ("foreground", "mean")
 TOKENS_PER_CHUNK = 77  # [START] + 75 words + [END]; each 75-token chunk is encoded on its own
@@ -58,6 +60,35 @@ def start_positions(context_len: int, chunk: int = TOKENS_PER_CHUNK) -> list[int
     return list(range(0, context_len, chunk))
 
 
+def chunk_starts(keys: torch.Tensor, chunk: int = TOKENS_PER_CHUNK, rtol: float = 1e-3) -> torch.Tensor:
+    """Which positions of each row's context are START tokens, [rows, T] bool.
+
+    keys: [rows, T, E], the cross-attention keys (or the context itself). A chunk begins with
+    START, except where the host padded a shorter context to the batch's length: A1111 pads AND
+    sub-prompts of unequal length by repeating the last vector, so a "chunk" made of copies of
+    the vector before it is padding, not a prompt chunk.
+    """
+    rows, length, _ = keys.shape
+    starts = torch.zeros(rows, length, dtype=torch.bool, device=keys.device)
+    starts[:, 0] = True
+    for c in range(chunk, length, chunk):
+        last = keys[:, c - 1:c].float()
+        repeated = (keys[:, c:].float() - last).abs().amax((1, 2)) <= rtol * last.abs().amax((1, 2))
+        starts[:, c] = ~repeated
+    return starts
+
+
+def as_start_mask(starts, rows: int, length: int, device=None) -> torch.Tensor:
+    """START positions given as one list for all rows, a list per row, or a [rows, T] mask."""
+    if isinstance(starts, torch.Tensor):
+        return starts.to(device=device, dtype=torch.bool)
+    per_row = starts if starts and isinstance(starts[0], (list, tuple)) else [starts] * rows
+    mask = torch.zeros(rows, length, dtype=torch.bool, device=device)
+    for r, positions in enumerate(per_row):
+        mask[r, list(positions)] = True
+    return mask
+
+
 def to_grid(maps: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """[B, N, L] maps of a (h, w) layer -> [B, L, *grid], bilinear, resized by size not factor."""
     h, w = size
@@ -67,9 +98,9 @@ def to_grid(maps: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) ->
     return x
 
 
-def start_vs_rest(maps: torch.Tensor, starts: list[int]) -> torch.Tensor:
+def start_vs_rest(maps: torch.Tensor, start_mask: torch.Tensor) -> torch.Tensor:
     """[B, L, h, w] -> [B, 2, h, w]: the summed START channels and the sum of all other positions."""
-    start = maps[:, starts].sum(1, keepdim=True)
+    start = torch.einsum("blhw,bl->bhw", maps, start_mask.to(maps.dtype))[:, None]
     return torch.cat([start, maps.sum(1, keepdim=True) - start], 1)
 
 
@@ -81,32 +112,37 @@ class FusedMaps:
                           paper: mean over layers of the upsampled maps.
     start_rest: [B, 2, h, w] official only: mean over layers of the normalised [START, rest].
     uniform: [B] bool, True where every layer's map was uniform over tokens (zero context).
+    start_mask: [B, L] bool, the START positions of each row's context.
     """
     tokens: torch.Tensor
     start_rest: torch.Tensor | None
     uniform: torch.Tensor
+    start_mask: torch.Tensor
 
 
 class LayerFusion:
     """Running fusion over attention layers (one call per layer), so no layer's map is kept."""
 
-    def __init__(self, preset: str, grid: tuple[int, int], starts: list[int]):
+    def __init__(self, preset: str, grid: tuple[int, int], starts):
+        """starts: START positions, one list for all rows, a list per row or a [B, L] mask."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         self.preset, self.grid, self.starts = preset, tuple(grid), starts
-        self.tokens = self.start_rest = self.uniform = None
+        self.tokens = self.start_rest = self.uniform = self.start_mask = None
         self.layers = 0
         self.blocks: set = set()  # names of the blocks folded in, for callers that track them
 
     def add(self, maps: torch.Tensor, size: tuple[int, int]) -> None:
         """Fold in one layer's refined maps [B, N, L] of spatial size (h, w)."""
         flat = maps.float()
+        if self.start_mask is None:
+            self.start_mask = as_start_mask(self.starts, flat.shape[0], flat.shape[-1], flat.device)
         uniform = (flat.amax(-1) - flat.amin(-1)).amax(-1) <= 1e-6 * flat.amax((-2, -1))
         x = to_grid(flat, size, self.grid)
         rest = None
         if self.preset == "official":
             x = smooth3x3(x)
-            rest = spatial_normalise(start_vs_rest(x, self.starts))
+            rest = spatial_normalise(start_vs_rest(x, self.start_mask))
             x = spatial_normalise(x)
         if self.layers == 0:
             self.tokens, self.start_rest, self.uniform = x, rest, uniform
@@ -121,7 +157,7 @@ class LayerFusion:
             raise ValueError("no attention layer was fused")
         n = self.layers
         return FusedMaps(self.tokens / n, None if self.start_rest is None else self.start_rest / n,
-                         self.uniform)
+                         self.uniform, self.start_mask)
 
 
 def token_labels(fused: FusedMaps, preset: str) -> torch.Tensor:
@@ -130,20 +166,17 @@ def token_labels(fused: FusedMaps, preset: str) -> torch.Tensor:
     return maps.argmax(1)
 
 
-def background(fused: FusedMaps, preset: str, starts: list[int]) -> torch.Tensor:
+def background(fused: FusedMaps, preset: str) -> torch.Tensor:
     """Eq. 14: the region won by START, [B, 1, h, w] bool."""
     if preset == "official":
         return fused.start_rest[:, :1] >= fused.start_rest[:, 1:]
-    maps = spatial_normalise(fused.tokens)
-    others = [i for i in range(maps.shape[1]) if i not in set(starts)]
-    start = spatial_normalise(fused.tokens[:, starts].sum(1, keepdim=True))
-    if not others:
-        return torch.ones_like(start, dtype=torch.bool)
-    return start >= maps[:, others].amax(1, keepdim=True)
+    mask = fused.start_mask[:, :, None, None]
+    start = spatial_normalise(start_vs_rest(fused.tokens, fused.start_mask)[:, :1])
+    others = spatial_normalise(fused.tokens).masked_fill(mask, float("-inf")).amax(1, keepdim=True)
+    return start >= others  # a context of START tokens only: all background (-inf never wins)
 
 
-def foreground(cond: FusedMaps, uncond: FusedMaps | None, preset: str, region: str,
-               cond_starts: list[int], uncond_starts: list[int]) -> torch.Tensor:
+def foreground(cond: FusedMaps, uncond: FusedMaps | None, preset: str, region: str) -> torch.Tensor:
     """Benchmark mask m_b [B, 1, h, w] float: eq. 14 from the uncond rows, or all ones ("mean").
 
     Where an image's uncond attention is uniform (SDXL's all-zero empty negative prompt), its
@@ -153,10 +186,10 @@ def foreground(cond: FusedMaps, uncond: FusedMaps | None, preset: str, region: s
         return torch.ones_like(cond.tokens[:, :1])
     if region != "foreground":
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    from_cond = ~background(cond, preset, cond_starts)
+    from_cond = ~background(cond, preset)
     if uncond is None:
         return from_cond.float()
-    from_uncond = ~background(uncond, preset, uncond_starts)
+    from_uncond = ~background(uncond, preset)
     use_cond = uncond.uniform.view(-1, 1, 1, 1)
     return torch.where(use_cond, from_cond, from_uncond).float()
 
@@ -166,13 +199,8 @@ def one_hot_masks(labels: torch.Tensor, tokens: int) -> torch.Tensor:
     return F.one_hot(labels, tokens).permute(0, 3, 1, 2).float()
 
 
-def mask_grid(sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """The common grid: the largest layer (the authors upsample 8x8 to 16x16)."""
-    return max(sizes, key=lambda s: s[0] * s[1])
-
-
 def fuse(maps: list[torch.Tensor], sizes: list[tuple[int, int]], preset: str,
-         grid: tuple[int, int], starts: list[int]) -> FusedMaps:
+         grid: tuple[int, int], starts) -> FusedMaps:
     fusion = LayerFusion(preset, grid, starts)
     for layer_maps, size in zip(maps, sizes, strict=True):
         fusion.add(layer_maps, size)
@@ -188,11 +216,12 @@ def semantic_masks(cond_maps: list[torch.Tensor], uncond_maps: list[torch.Tensor
     cond_maps / uncond_maps: one refined map per layer, [B, N_l, L] / [B, N_l, L_u]; row b of the
         uncond list belongs to the same image as row b of the cond list.
     sizes: (h_l, w_l) of each layer, N_l = h_l·w_l.
-    cond_starts / uncond_starts: START positions (default: every 77th position).
+    cond_starts / uncond_starts: START positions, one list for all rows or a list per row
+        (default: every 77th position).
     Returns (token_masks [B, L, h, w], foreground [B, 1, h, w]) on the largest layer's grid, in
     the maps' dtype.
     """
-    grid = mask_grid(sizes)
+    grid = finest_grid(sizes)
     cond_starts = cond_starts or start_positions(cond_maps[0].shape[-1])
     cond = fuse(cond_maps, sizes, preset, grid, cond_starts)
     uncond = None
@@ -200,6 +229,6 @@ def semantic_masks(cond_maps: list[torch.Tensor], uncond_maps: list[torch.Tensor
         uncond_starts = uncond_starts or start_positions(uncond_maps[0].shape[-1])
         uncond = fuse(uncond_maps, sizes, preset, grid, uncond_starts)
     labels = token_labels(cond, preset)
-    fg = foreground(cond, uncond, preset, region, cond_starts, uncond_starts)
+    fg = foreground(cond, uncond, preset, region)
     dtype = cond_maps[0].dtype
     return one_hot_masks(labels, cond.tokens.shape[1]).to(dtype), fg.to(dtype)

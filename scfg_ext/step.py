@@ -15,7 +15,7 @@ import torch
 from .attention import DEFAULT_BUDGET_BYTES, head_mean_probs, refine_streamed
 from .guidance import rate_from_labels
 from .params import ScfgParams
-from .segment import FusedMaps, LayerFusion, foreground, start_positions, token_labels
+from .segment import FusedMaps, LayerFusion, chunk_starts, foreground, token_labels
 
 
 class CaptureError(RuntimeError):
@@ -36,15 +36,19 @@ class StepResult:
     rate: torch.Tensor          # [K, 1, H, W] in the predictions' dtype
     labels: torch.Tensor        # [K, h, w] winning token position
     foreground: torch.Tensor    # [K, 1, h, w]
-    fg_from_cond: torch.Tensor  # [K] bool: uncond attention was uniform
 
 
 class StepCapture:
-    """Refined, layer-fused attention maps of one denoising step, keyed by the host's rows."""
+    """Refined, layer-fused attention maps of one denoising step, keyed by the host's rows.
+
+    upcast: attention logits in fp32 even for half-precision q/k (A1111's "upcast cross
+    attention layer to float32", which SD2.x needs in fp16), as the host's own attention does.
+    """
 
     def __init__(self, params: ScfgParams, grid: tuple[int, int], layers: int,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES):
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False):
         self.params, self.grid, self.layers, self.budget = params, tuple(grid), layers, budget_bytes
+        self.upcast = upcast
         self._self_qk: dict = {}
         self._fusions: dict[tuple[int, ...], LayerFusion] = {}
 
@@ -66,52 +70,50 @@ class StepCapture:
         if q.shape[1] != size[0] * size[1] or q.shape[0] != len(rows):
             raise CaptureError(f"cross-attention of {block}: tokens {q.shape[1]} != {size[0]}x{size[1]}")
         _, q1, k1, heads1, scale1 = stashed
-        cross = head_mean_probs(q, k, heads, scale, self.budget)
+        cross = head_mean_probs(q, k, heads, scale, self.budget, self.upcast)
         refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.refine_power,
-                                  self.params.refine_mode, self.budget)
+                                  self.params.preset, self.budget, self.upcast)
         fusion = self._fusions.get(rows)
         if fusion is None or block in fusion.blocks:
             # A block seen again for the same rows is a later pass over the UNet (ControlNet
             # reference-only runs a nested reference pass first): the last full pass wins.
-            fusion = LayerFusion(self.params.preset, self.grid, start_positions(k.shape[1]))
+            # The START positions are read once per fusion from the first layer's keys.
+            fusion = LayerFusion(self.params.preset, self.grid, chunk_starts(k))
             self._fusions[rows] = fusion
         fusion.add(refined, size)
         fusion.blocks.add(block)
 
-    def seen_rows(self) -> set[int]:
-        """Rows for which every target layer was fused."""
-        return {r for rows, f in self._fusions.items() if f.layers == self.layers for r in rows}
-
-    def _gather(self, rows: list[int]) -> tuple[FusedMaps, list[int]]:
+    def _gather(self, rows: list[int]) -> FusedMaps:
         """The fused maps of ``rows``, in that order, from the fusions that saw every target layer."""
-        complete = {key: (fusion.result(), fusion.starts) for key, fusion in self._fusions.items()
+        complete = {key: fusion.result() for key, fusion in self._fusions.items()
                     if fusion.layers == self.layers}  # one division per fusion, not per row
-        parts, starts = [], None
-        for row in rows:
-            key = next((key for key in complete if row in key), None)
-            if key is None:
-                raise CaptureError(f"row {row} was not captured at every target layer")
-            (fused, fusion_starts), i = complete[key], key.index(row)
-            parts.append((fused.tokens[i], None if fused.start_rest is None else fused.start_rest[i],
-                          fused.uniform[i]))
-            starts = fusion_starts if starts is None else starts
-        if len({p[0].shape[0] for p in parts}) != 1:
+        index = {row: (key, i) for key in complete for i, row in enumerate(key)}
+        missing = [row for row in rows if row not in index]
+        if missing:
+            raise CaptureError(f"rows {missing} were not captured at every target layer")
+        lengths = {complete[index[row][0]].tokens.shape[1] for row in rows}
+        if len(lengths) != 1:
             raise CaptureError("rows of one kind have different context lengths")
-        tokens = torch.stack([p[0] for p in parts])
-        start_rest = None if parts[0][1] is None else torch.stack([p[1] for p in parts])
-        return FusedMaps(tokens, start_rest, torch.stack([p[2] for p in parts])), starts
 
-    def result(self, pairs: list[Pair], cond: torch.Tensor, uncond: torch.Tensor,
-               params: ScfgParams | None = None) -> StepResult:
+        located = [index[row] for row in rows]
+
+        def stack(name):
+            if getattr(complete[located[0][0]], name) is None:
+                return None
+            return torch.stack([getattr(complete[key], name)[i] for key, i in located])
+
+        return FusedMaps(stack("tokens"), stack("start_rest"), stack("uniform"), stack("start_mask"))
+
+    def result(self, pairs: list[Pair], cond: torch.Tensor, uncond: torch.Tensor) -> StepResult:
         """Rate maps of ``pairs``; cond/uncond are [K, C, H, W], row k belonging to pairs[k]."""
-        params = params or self.params
+        params = self.params
         if params.test_fault == "result":
             raise RuntimeError("injected test fault in result")
-        cond_maps, cond_starts = self._gather([p.cond_row for p in pairs])
-        uncond_maps, uncond_starts = self._gather([p.uncond_row for p in pairs])
+        cond_maps = self._gather([p.cond_row for p in pairs])
+        uncond_maps = self._gather([p.uncond_row for p in pairs])
         labels = token_labels(cond_maps, params.preset)
-        fg = foreground(cond_maps, uncond_maps, params.preset, params.region, cond_starts, uncond_starts)
-        scales = torch.tensor([p.scale for p in pairs], dtype=torch.float32)
+        fg = foreground(cond_maps, uncond_maps, params.preset, params.region)
+        scales = cond.new_tensor([p.scale for p in pairs], dtype=torch.float32)
         rate = rate_from_labels(labels, fg, cond, uncond, scales, cond_maps.tokens.shape[1],
                                 params.min_rate, params.max_rate, params.max_scale, params.strength)
-        return StepResult(rate, labels, fg, uncond_maps.uniform)
+        return StepResult(rate, labels, fg)

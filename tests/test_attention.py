@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scfg_ext import attention, head_mean_probs, power_weights, refine, refine_streamed
-from scfg_ext.attention import grid_factor, split_heads
+from scfg_ext.attention import split_heads
+from scfg_ext.levels import level_of_tokens
 
 
 def probs(*shape, seed=0, sharp=1.0):
@@ -23,7 +24,6 @@ def reference_head_mean(q, k, heads, scale):
 def test_power_weights():
     assert power_weights("official") == [0.25, 0.75]
     assert power_weights("paper", 3) == [1 / 3] * 3
-    assert power_weights("none") == []
     with pytest.raises(ValueError, match="refine mode"):
         power_weights("bogus")
     with pytest.raises(ValueError, match="steps"):
@@ -44,11 +44,6 @@ def test_paper_is_mean_of_powers(n, L, R, seed):
     expected = sum(torch.linalg.matrix_power(s[0], r) @ c[0] for r in range(1, R + 1)) / R
     # refine computes in fp32 whatever comes in
     torch.testing.assert_close(refine(s, c, steps=R, mode="paper")[0], expected, atol=1e-6, rtol=1e-5)
-
-
-def test_none_returns_cross_attention():
-    c = probs(1, 4, 3)
-    assert refine(probs(1, 4, 4), c, mode="none") is c
 
 
 def test_refined_rows_stay_distributions():
@@ -155,8 +150,8 @@ def test_half_precision_in_fp32_inside():
 
 
 @pytest.mark.parametrize("h,w", [(64, 64), (64, 96), (125, 125), (65, 17)])
-def test_grid_factor_non_square(h, w):
+def test_level_of_tokens_non_square(h, w):
     for f in (1, 2, 4, 8):
         size = (math.ceil(h / f), math.ceil(w / f))
-        assert grid_factor(h, w, size[0] * size[1]) == size
-    assert grid_factor(h, w, 7) is None
+        assert level_of_tokens(h, w, size[0] * size[1]) == size
+    assert level_of_tokens(h, w, 7) is None
