@@ -110,7 +110,7 @@ class IntegratedUNet2DConditionModel(nn.Module):
             block(st(), Upsample()), block(st())])
         self.out = nn.Conv2d(DIM, 4, 3, padding=1)
 
-    def forward(self, x, context, transformer_options):
+    def forward(self, x, timesteps=None, context=None, transformer_options=None):
         to = transformer_options
         to["original_shape"] = list(x.shape)
         h, sizes = x, []
@@ -138,15 +138,21 @@ class IntegratedUNet2DConditionModel(nn.Module):
         return self.out(h)
 
 
+class Predictor:
+    def calculate_denoised(self, sigma, model_output, model_input):  # Forge's ε prediction
+        return model_input - sigma.view(-1, 1, 1, 1) * model_output
+
+
 class KModel:
     def __init__(self, depth=1):
         torch.manual_seed(0)
         self.diffusion_model = IntegratedUNet2DConditionModel(depth).eval()
+        self.predictor = Predictor()
 
     def apply_model(self, x, sigma, context, transformer_options):
-        with torch.no_grad():
-            eps = self.diffusion_model(x, context, transformer_options)
-        return x - sigma.view(-1, 1, 1, 1) * eps  # x0, as Forge's apply_model returns
+        with torch.no_grad():  # as backend/modules/k_model.py calls it
+            eps = self.diffusion_model(x, sigma, context=context, transformer_options=transformer_options)
+        return self.predictor.calculate_denoised(sigma, eps, x)  # x0, as Forge's apply_model returns
 
 
 class UnetPatcher:
@@ -328,7 +334,10 @@ def run(forge, p, cond, uncond, scale=7.0, max_chunks=None, **values):
 # ----- tests ------------------------------------------------------------------------------
 
 def test_levels_of_the_sd1_layout(fake_forge):
-    blocks = fake_forge.transformer_blocks(MODELS.setdefault(1, KModel()).diffusion_model)
+    from scfg_ext.hosts import common
+
+    sites = common.transformer_sites(MODELS.setdefault(1, KModel()).diffusion_model)
+    blocks = {s.key: s.factor for s in sites}
     assert blocks == {("input", 1, 0): 1, ("input", 3, 0): 2, ("input", 5, 0): 4, ("middle", 0, 0): 8,
                       ("output", 1, 0): 4, ("output", 2, 0): 2, ("output", 3, 0): 1}
 
@@ -471,7 +480,7 @@ def test_cfg_one_and_missing_uncond_are_plain(fake_forge):
     plain = step(p, latent(1), cond, uncond, scale=1.0)
     out, report = run(fake_forge, p, cond, uncond, scale=1.0)
     assert torch.equal(out, plain) and report.applied == 0
-    assert report.fallbacks == {"CFG scale 1 (no unconditional pass)": 1} and not report.warned
+    assert report.fallbacks == {"CFG scale ≤ 1 (no guidance to redistribute)": 1} and not report.warned
 
 
 def test_step_window(fake_forge):
@@ -500,7 +509,7 @@ def test_bypasses_regional_conds_and_wrappers(fake_forge):
     x = latent(1)
     options["conditioning_modifiers"][0](None, x, None, uncond, cond, 7.0, options, 0)
     options["sampler_pre_cfg_function"][0](None, conds(1, (1,)), uncond, x, None, options)
-    assert fake_forge._current[3].skip[0].startswith("a UNet function wrapper")
+    assert fake_forge._current[3].step.skip[0].startswith("a UNet function wrapper")
 
 
 def test_chains_existing_replace_patches(fake_forge):
@@ -595,7 +604,7 @@ def test_non_square_and_sdxl_style_depth(fake_forge):
     cond, uncond = conds(1, (1,)), conds(1, (2,))
     out, report = run(fake_forge, p, cond, uncond)
     assert out.shape == (1, 4, 20, 13) and report.applied == 1 and not report.fallbacks
-    assert fake_forge._current[3].factors == (8,)  # SDXL rule: the smallest level alone
+    assert fake_forge._current[3].factors == (4, 8)  # the levels this UNet has decide, not the flag
 
 
 def reference_recorder(noise_seed=5):
@@ -664,7 +673,7 @@ def test_teardown_mid_step_drops_the_armed_latent(fake_forge):
                                          options, 0)
     assert run_state.armed is not None
     fake_forge.teardown()
-    assert run_state.armed is None and run_state.capture is None and run_state.p is None
+    assert run_state.armed is None and run_state.step is None and run_state.p is None
 
 
 def test_unsupported_models(fake_forge):

@@ -7,8 +7,9 @@ How one sampler call of ``CFGDenoiser.forward`` (modules/sd_samplers_cfg_denoise
 UNet pre-hook         each UNet call covers the next rows of ``x_in``, in order (batched, unbatched
                       and separate cond/uncond passes alike), so a running offset names its rows.
 transformer pre-hook  the exact (h, w) of each target level (non-square and odd sizes).
-attn1 / attn2 hooks   recompute q and k by calling ``to_q`` / ``to_k`` (LoRA, LLLite, fp8 casts
-                      included) and hand them to the capture with the global row ids.
+attn1 / attn2 hooks   take the q and k that the attention's own ``to_q`` / ``to_k`` just produced
+                      (LoRA, LLLite, fp8 casts included; recomputed only for inputs the
+                      projections did not see) and hand them to the capture with the global row ids.
 ``on_cfg_denoised``   rate maps from the core; the cond rows of ``x_out`` are rewritten in place as
                       u + r·(c − u), so whichever combiner runs next (vanilla, Dynamic
                       Thresholding, a CFG-rescale patch) yields u + γ·w·r·(c − u).
@@ -29,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..guidance import prescale_cond
-from ..levels import mask_grid_for, select_levels
+from ..levels import mask_grid_for
 from ..step import CaptureError, Pair, StepCapture
-
-NO_UNCOND = "no unconditional pass (NGMS / skip early CFG)"
+from . import common
+from .common import NO_GUIDANCE, NO_UNCOND
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Call:
     conds_list: list
     gamma: float
     hw: tuple
-    at: tuple  # (0-based sampling step, steps) for previews; second-order samplers call twice a step
+    at: tuple  # (0-based sampling step, steps) for previews (common.sampler_step)
     offset: int = 0
     rows: tuple | None = None
     error: tuple | None = None  # (place, exception): the rest of the step is plain CFG
@@ -103,6 +104,9 @@ def teardown() -> None:
     run, _run = _run, None
     if run is not None:
         _unhook(run)
+        run.call = None
+        for target in run.targets:
+            target.projected.clear()
 
 
 def installed() -> list[str]:
@@ -132,70 +136,38 @@ def prompt_tokens(p, text: str) -> list[str | None]:
 
     model = shared.sd_model.cond_stage_model
     clip = model.embedders[0] if hasattr(model, "embedders") else model
-    chunks, _ = clip.tokenize_line(text)
-    ids = [t for chunk in chunks for t in chunk.tokens]
     if hasattr(clip, "tokenizer"):  # transformers' CLIPTokenizer (SD1, SDXL)
-        pieces = clip.tokenizer.convert_ids_to_tokens(ids)
-    else:  # SD2's OpenCLIP (modules/sd_hijack_open_clip.py)
-        from modules.sd_hijack_open_clip import tokenizer
-        pieces = [tokenizer.decoder.get(t, "") for t in ids]
-    special = {clip.id_start, clip.id_end, clip.id_pad}
-    return [None if t in special else piece for t, piece in zip(ids, pieces, strict=True)]
+        return common.prompt_tokens(clip, text)
+    from modules.sd_hijack_open_clip import tokenizer  # SD2's OpenCLIP
+
+    return common.prompt_tokens(clip, text, lambda ids: [tokenizer.decoder.get(t, "") for t in ids])
 
 
 # ----------------------------------------------------------------------------- hooks
 
-def discover(unet) -> list[tuple[int, str, torch.nn.Module]]:
-    """(downsample factor, name, SpatialTransformer) of every attention level, walking the UNet."""
-    found, factor = [], 1
-
-    def scan(block, name):
-        children = list(block) if isinstance(block, torch.nn.Sequential) else [block]
-        for j, child in enumerate(children):
-            if type(child).__name__ == "SpatialTransformer":
-                found.append((factor, f"{name}.{j}", child))
-        return {type(c).__name__ for c in children}
-
-    for i, block in enumerate(unet.input_blocks):
-        if "Downsample" in scan(block, f"input_blocks.{i}"):
-            factor *= 2
-    scan(unet.middle_block, "middle_block")
-    for i, block in enumerate(unet.output_blocks):
-        if "Upsample" in scan(block, f"output_blocks.{i}"):
-            factor //= 2
-    return found
-
-
 def _hook(run: Run, unet) -> bool:
     """Hook the transformer blocks of the selected levels of ``unet`` and the UNet itself."""
-    from modules import shared
-
-    levels = discover(unet)
-    present = {f for f, _, _ in levels}
-    sdxl = bool(getattr(shared.sd_model, "is_sdxl", False)) and max(present, default=0) <= 4
-    run.factors = select_levels(present, run.params.level_factors(), sdxl=sdxl)
+    sites, run.factors, present = common.selected_sites(unet, run.params.level_factors())
     run.unet, run.targets = unet, []
-    for factor, name, st in levels:
-        if factor not in run.factors:
-            continue
-        _add(run, name, st.register_forward_pre_hook(_guarded(run, "transformer", _on_transformer)))
-        for j, block in enumerate(st.transformer_blocks):
-            if getattr(block, "disable_self_attn", False):
-                continue  # attn1 is a cross-attention there: no self-attention to refine with
-            target = Target(len(run.targets), f"{name}.transformer_blocks.{j}", st)
-            run.targets.append(target)
-            for attn, fn in (("attn1", _on_attn1), ("attn2", _on_attn2)):
-                module = getattr(block, attn)
-                hook = _guarded(run, attn, functools.partial(fn, target))
-                _add(run, f"{target.name}.{attn}", module.register_forward_hook(hook, with_kwargs=True))
-                for linear in ("to_q", "to_k"):
-                    keep = _guarded(run, attn, functools.partial(_on_projection, target, f"{attn}.{linear}"))
-                    _add(run, f"{target.name}.{attn}.{linear}",
-                         getattr(module, linear).register_forward_hook(keep))
+    transformers = {id(s.transformer): (s.name.rsplit(".transformer_blocks", 1)[0], s.transformer)
+                    for s in sites}
+    for name, transformer in transformers.values():
+        _add(run, name, transformer.register_forward_pre_hook(_guarded(run, "transformer", _on_transformer)))
+    for site in sites:
+        target = Target(len(run.targets), site.name, site.transformer)
+        run.targets.append(target)
+        for attn, fn in (("attn1", _on_attn1), ("attn2", _on_attn2)):
+            module = getattr(site.block, attn)
+            hook = _guarded(run, attn, functools.partial(fn, target))
+            _add(run, f"{target.name}.{attn}", module.register_forward_hook(hook, with_kwargs=True))
+            for linear in ("to_q", "to_k"):
+                keep = _guarded(run, attn, functools.partial(_on_projection, target, f"{attn}.{linear}"))
+                projection = getattr(module, linear)
+                _add(run, f"{target.name}.{attn}.{linear}", projection.register_forward_hook(keep))
     if not run.targets:
         _unhook(run)
         run.report.note(f"no attention at levels {run.params.levels!r} (this model has "
-                        f"{sorted(present)}): S-CFG is off")
+                        f"{present}): S-CFG is off")
         return False
     _add(run, "diffusion_model", unet.register_forward_pre_hook(
         _guarded(run, "unet", _on_unet), with_kwargs=True))
@@ -314,10 +286,14 @@ def on_cfg_denoiser(params) -> None:
         return
     try:
         _follow_model(run)
-        if not run.params.active_at(denoiser.step, denoiser.total_steps) or not run.targets:
+        call, calls, _, _ = common.sampler_step(denoiser)
+        if not run.params.active_at(call, calls) or not run.targets:
             return
         if _uncond_skipped(params, denoiser):
             run.report.fallback(NO_UNCOND)
+            return
+        if common.no_guidance(denoiser.sampler.sampler_extra_args["cond_scale"]):
+            run.report.fallback(NO_GUIDANCE)
             return
         run.call = _new_call(run, params, denoiser)
     except Exception as e:
@@ -331,6 +307,8 @@ def on_cfg_denoised(params) -> None:
     if call is None:
         return
     run.call = None
+    for target in run.targets:  # projections of calls no hook consumed (e.g. PAG's extra pass)
+        target.projected.clear()
     try:
         if call.error is not None:
             _report_error(run, *call.error)
@@ -363,10 +341,17 @@ def _new_call(run: Run, params, denoiser) -> Call:
     if n_rows != row + len(conds_list):
         raise CaptureError(f"x_in has {n_rows} rows for {row} cond + {len(conds_list)} uncond")
     hw = tuple(params.x.shape[-2:])
-    capture = StepCapture(run.params, mask_grid_for(*hw, run.factors), len(run.targets))
+    capture = StepCapture(run.params, mask_grid_for(*hw, run.factors), len(run.targets),
+                          upcast=bool(getattr(_opts(), "upcast_attn", False)))
     gamma = float(extra["cond_scale"]) * float(denoiser.cond_scale_miltiplier)  # 1/12.5 for CFG++
-    at = (denoiser.step * denoiser.steps // denoiser.total_steps, denoiser.steps)
-    return Call(capture, n_rows, row, conds_list, gamma, hw, at)
+    _, _, step, steps = common.sampler_step(denoiser)
+    return Call(capture, n_rows, row, conds_list, gamma, hw, (step, steps))
+
+
+def _opts():
+    from modules.shared import opts
+
+    return opts
 
 
 def _uncond_skipped(params, denoiser) -> bool:
@@ -374,12 +359,11 @@ def _uncond_skipped(params, denoiser) -> bool:
 
     Row accounting in on_cfg_denoised is the final check; this only avoids capturing for nothing.
     """
-    from modules.shared import opts
-
+    opts = _opts()
     if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
         return True
     s_min = denoiser.sampler.sampler_extra_args.get("s_min_uncond") or 0
-    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min > 0
+    return bool((denoiser.step % 2 or getattr(opts, "s_min_uncond_all", False)) and s_min > 0
                 and params.sigma[0] < s_min)
 
 
@@ -389,7 +373,7 @@ def _apply(run: Run, call: Call, x_out) -> None:
     c_rows, u_rows = [p.cond_row for p in pairs], [p.uncond_row for p in pairs]
     cond, uncond = x_out[c_rows], x_out[u_rows]
     result = call.capture.result(pairs, cond, uncond)
-    x_out[c_rows] = prescale_cond(cond, uncond, result.rate)  # in place: x_out is not read back
+    x_out[c_rows] = prescale_cond(cond, uncond, result.rate)  # in place: the combiner reads this tensor
     run.report.step_applied(result.rate)
     _record(run, call, result, pairs)
 
@@ -397,8 +381,7 @@ def _apply(run: Run, call: Call, x_out) -> None:
 def _record(run: Run, call: Call, result, pairs: list) -> None:
     """Previews (the report keeps nothing unless they are on); a failure costs only the preview."""
     try:
-        first = getattr(run.p, "iteration", 0) * getattr(run.p, "batch_size", len(call.conds_list))
-        rows = [(first + i, j) for i, conds in enumerate(call.conds_list) for j in range(len(conds))]
+        rows = common.preview_rows(run.p, [len(conds) for conds in call.conds_list])
         run.report.record(*call.at, result, rows, [pair.scale for pair in pairs])
     except Exception as e:
         run.report.note(f"could not record a preview: {e}")
@@ -422,7 +405,10 @@ def _ensure_callbacks() -> None:
     for category, register, fn in (("cfg_denoiser", script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
                                    ("cfg_denoised", script_callbacks.on_cfg_denoised, on_cfg_denoised)):
         if not any(c.callback is fn for c in script_callbacks.callback_map[f"callbacks_{category}"]):
-            register(fn, name="scfg")
+            try:
+                register(fn, name="scfg")
+            except TypeError:  # registries without names (Forge Classic)
+                register(fn)
 
 
 try:  # register at import inside the WebUI; elsewhere (unit tests, Forge) there is nothing to do
