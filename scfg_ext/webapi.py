@@ -46,20 +46,23 @@ def status_payload(host: str, installed: list[str], last: dict) -> dict:
 
 
 class ApiArgsCheck:
-    """Pure ASGI middleware: 422 for bad S-CFG args on the generation endpoints, else pass through."""
+    """Pure ASGI wrapper: 422 for bad S-CFG args on the generation endpoints, else pass through."""
 
     def __init__(self, app):
         self.app = app
 
     @classmethod
-    def install(cls, app) -> None:
-        """Add to a FastAPI app that may already be serving (rebuilds its stack, as the WebUIs do)."""
-        from starlette.middleware import Middleware
-
-        if any(getattr(m, "cls", None) is cls for m in app.user_middleware):
-            return
-        app.user_middleware.insert(0, Middleware(cls))
-        app.middleware_stack = app.build_middleware_stack()
+    def install(cls, app) -> list[str]:
+        """Wrap the txt2img/img2img routes of a FastAPI app (the API is created before the WebUIs'
+        app_started callbacks), so that no other request passes through S-CFG's code and S-CFG
+        never appears in the traceback of an unrelated API error. Returns the paths wrapped."""
+        wrapped = []
+        for route in getattr(getattr(app, "router", None), "routes", []):
+            if getattr(route, "path", None) in GENERATION_PATHS and "POST" in getattr(route, "methods", ()):
+                if not isinstance(route.app, cls):
+                    route.app = cls(route.app)
+                wrapped.append(route.path)
+        return wrapped
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" \

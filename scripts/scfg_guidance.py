@@ -20,7 +20,7 @@ from scfg_ext import (
     to_infotext,
 )
 from scfg_ext.hosts import adapter, detect_host
-from scfg_ext.params import FIELD_BY_NAME, OLD_INFOTEXT_KEYS, infotext_key
+from scfg_ext.params import FIELD_BY_NAME, INFOTEXT_PREFIX, OLD_INFOTEXT_KEYS, infotext_key
 from scfg_ext.preview import render, split_and
 from scfg_ext.report import RunReport
 from scfg_ext.webapi import ApiArgsCheck, status_payload
@@ -103,25 +103,31 @@ class Script(scripts.Script):
         self.paste_field_names = [infotext_key(f) for f in FIELDS]
         return [enabled, *controls]
 
+    def setup(self, p, *args):
+        """Called once for the ``p`` a generation creates, before X/Y/Z copies it: the copies share
+        its close, so an exception inside any grid cell still tears down when the WebUI closes it."""
+        _teardown_on_close(p)
+
     def process(self, p, *args):
+        _teardown_on_close(p)
+        HOOKS.teardown()  # a previous generation that was never closed (a copy of p)
+        # X/Y/Z shallow-copies p: each cell gets its own dict, so each keeps its own S-CFG values
+        p.extra_generation_params = {k: v for k, v in p.extra_generation_params.items()
+                                     if not str(k).startswith(INFOTEXT_PREFIX)}
+        p._scfg = None
         try:
             params = _params_for(p, args)
         except ScfgParamError as error:
             LAST["error"] = str(error)
             log.error("S-CFG is off for this generation: %s", error)
             p.extra_generation_params["S-CFG error"] = str(error)
-            p._scfg = None
             return
         LAST["error"] = None
         if not params.enabled:
-            p._scfg = None
             return
         report = RunReport(host=HOST, preview_steps=_preview_steps() if params.show_maps else 0)
-        LAST["report"] = report
         p._scfg = (params, report)
         p.extra_generation_params.update(to_infotext(params))
-        p.extra_generation_params["S-CFG warning"] = lambda **_: report.warning_text() or None
-        _teardown_on_close(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         HOOKS.teardown()
@@ -146,10 +152,15 @@ class Script(scripts.Script):
 
     def postprocess_batch(self, p, *args, **kwargs):
         HOOKS.teardown()
+        state = getattr(p, "_scfg", None)
+        if state is not None:  # before the batch's infotexts are written; a plain string (JSON-safe)
+            _finish(p, state[1])
 
     def postprocess(self, p, processed, *args):
         HOOKS.teardown()
         state = getattr(p, "_scfg", None)
+        if state is not None:
+            _finish(p, state[1])
         if state is None or not state[1].previews or not processed.images:
             return  # ADetailer's dummy Processed has no images
         params, report = state
@@ -161,15 +172,33 @@ class Script(scripts.Script):
             log.warning("S-CFG: could not draw the previews: %s", error, exc_info=True)
 
 
+def _finish(p, report) -> None:
+    """The run's warning into the infotext, and the run as the status route's last one: a nested
+    run (ADetailer's, inside the outer one's postprocessing) finishes first, the outer one last."""
+    warning = report.warning_text()
+    if warning:
+        p.extra_generation_params["S-CFG warning"] = warning
+    else:
+        p.extra_generation_params.pop("S-CFG warning", None)
+    LAST["report"] = report
+
+
 def _teardown_on_close(p):
     """Remove the hooks even when sampling raised: neither WebUI has an on-error callback for
-    scripts, but both run every generation inside ``with closing(p)`` (UI and API alike)."""
+    scripts, but both run every generation inside ``with closing(p)`` (UI and API alike).
+    Wrapped once per ``p``: the img2img batch tab reuses one ``p`` for every image."""
     close = p.close
+    if getattr(close, "_scfg", False):
+        return
 
     def close_and_teardown():
         HOOKS.teardown()
+        state = getattr(p, "_scfg", None)
+        if state is not None:
+            LAST["report"] = state[1]
         return close()
 
+    close_and_teardown._scfg = True
     p.close = close_and_teardown
 
 
@@ -241,7 +270,7 @@ def _on_app_started(demo, app):
     """GET /scfg/v1/status, and a 422 for S-CFG API args out of range before any sampling starts."""
     app.add_api_route("/scfg/v1/status", lambda: status_payload(HOST, HOOKS.installed(), LAST),
                       methods=["GET"])
-    ApiArgsCheck.install(app)
+    ApiArgsCheck.install(app)  # nothing to wrap without --api
 
 
 def _on_ui_settings():

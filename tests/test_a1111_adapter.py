@@ -536,3 +536,41 @@ def test_prompt_tokens_follow_a1111_chunks(host):
     assert len(tokens) == 77 and tokens[:4] == [None, "a</w>", "cat</w>", None]
     host.model.cond_stage_model = SimpleNamespace(embedders=[clip, None])  # SDXL: CLIP-L
     assert a1111.prompt_tokens(None, "a cat") == tokens
+
+
+def test_cfg_scale_one_or_less_is_plain_cfg_without_work(host):
+    """At γ ≤ 1 there is no guidance to redistribute: plain CFG, as on Forge (which drops uncond)."""
+    for scale in (1.0, 0.5):
+        plain, _ = run_steps(host, None, cond_scale=scale)
+        out, report = run_steps(host, make_params(enabled=True), cond_scale=scale)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        assert report.applied == 0 and report.fallbacks == {common.NO_GUIDANCE: 4} and not report.warned
+
+
+def test_and_sub_prompt_padded_to_a_longer_one_keeps_one_start(host, monkeypatch):
+    """A1111 pads the shorter AND sub-prompt by repeating its last vector: position 77 of that row
+    is padding, not a START (reconstruct_multicond_batch)."""
+    cond, uncond = contexts(2, 1, length=154, uncond_length=154)
+    cond[1, 77:] = cond[1, 76]
+    masks = []
+    gather = a1111.StepCapture._gather
+    monkeypatch.setattr(a1111.StepCapture, "_gather",
+                        lambda self, rows: masks.append(gather(self, rows).start_mask) or gather(self, rows))
+    _, report = run_steps(host, make_params(enabled=True), batch=((1.0, 0.5),), cond_ctx=cond,
+                          uncond_ctx=uncond, steps=1)
+    assert report.applied == 1
+    assert masks[0].sum(1).tolist() == [2, 1]  # cond rows: two chunks / one chunk and its padding
+    assert masks[1].sum(1).tolist() == [2, 2]  # the uncond row of each pair: a real 154-token context
+
+
+def test_projections_no_hook_consumed_are_dropped_after_the_step(host):
+    p, report = SimpleNamespace(prompt=""), RunReport()
+    a1111.setup(p, make_params(enabled=True), report)
+    denoiser = make_denoiser(p, [[1.0]], steps=1)
+    x, (cond, uncond) = latent(), contexts(1, 1)
+    a1111.on_cfg_denoiser(SimpleNamespace(x=torch.cat([x, x]), sigma=torch.ones(2), denoiser=denoiser))
+    host.unet(torch.cat([x, x]), context=torch.cat([cond, uncond]))
+    host.unet(x, context=cond)  # an extra pass after the CFG batch (PAG-like): its q/k are not read
+    assert any(t.projected for t in a1111._run.targets)
+    a1111.on_cfg_denoised(SimpleNamespace(x=torch.randn(2, 4, 8, 8)))
+    assert not any(t.projected for t in a1111._run.targets)

@@ -685,3 +685,99 @@ def test_unsupported_models(fake_forge):
     p.sd_model.forge_objects.unet = UnetPatcher(SimpleNamespace(diffusion_model=nn.Linear(1, 1)))
     assert "not Forge's UNet" in fake_forge.unsupported_reason(p)
     assert "forge_objects" in fake_forge.unsupported_reason(SimpleNamespace(sd_model=object()))
+
+
+# ----- behaviours shared with the A1111 adapter (issue: one S-CFG on every host) -----------
+
+def test_the_refiner_reload_is_followed(fake_forge):
+    """apply_refiner loads another model object mid-pass; its UNet must be patched as well."""
+    p = make_p()
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    step(p, latent(1), cond, uncond)
+    refiner = make_p(depth=2).sd_model  # a new model object, as forge_model_reload makes
+    p.sd_model = refiner
+    fake_forge.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+    step(p, latent(1), cond, uncond)
+    assert report.applied == 2 and not report.warned
+    assert p.sd_model.forge_objects.unet.model_options["conditioning_modifiers"]
+    fake_forge.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))  # same model: no re-patch
+    assert fake_forge._current[0] is refiner
+    fake_forge.teardown()
+    assert "conditioning_modifiers" not in p.sd_model.forge_objects.unet.model_options
+
+
+def test_a_cfg_function_set_after_setup_gives_plain_cfg_and_a_warning(fake_forge):
+    """Dynamic Thresholding enabled after S-CFG: its clamp must not get our correction on top."""
+    p = make_p()
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+
+    def clamp(args):
+        return (args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]).clamp(-1, 1)
+
+    base = make_p()
+    base.sd_model.forge_objects.unet.set_model_sampler_cfg_function(clamp)
+    expected = step(base, latent(1), cond, uncond)
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    p.sd_model.forge_objects.unet.set_model_sampler_cfg_function(clamp)
+    out = step(p, latent(1), cond, uncond)
+    assert torch.equal(out, expected)
+    assert report.applied == 0 and report.warned == {
+        "another extension changed the CFG function after S-CFG's setup"}
+
+
+def test_and_sub_prompts_get_rates_from_their_own_predictions(fake_forge, monkeypatch):
+    """u + γ·Σⱼ w̄ⱼ·rⱼ·(cⱼ − u), each rⱼ from cⱼ, as A1111 gives (not from the averaged cond)."""
+    p = make_p(batch=2)
+    cond, uncond = conds(2, (1, 3), strengths=(0.7, 0.5)), conds(2, (2,))
+    alone = []
+    for j in range(2):  # each sub-prompt's own x0, from Forge itself
+        seen = []
+        q = make_p(batch=2)
+        q.sd_model.forge_objects.unet.set_model_sampler_post_cfg_function(
+            lambda a, seen=seen: seen.append(a["cond_denoised"]) or a["denoised"])
+        step(q, latent(2), [cond[j]], uncond)
+        alone.append(seen[0])
+    results, result = [], fake_forge.StepCapture.result
+    monkeypatch.setattr(fake_forge.StepCapture, "result",
+                        lambda self, pairs, c, u: results.append((pairs, c, u, result(self, pairs, c, u)))
+                        or results[-1][3])
+    plain = step(make_p(batch=2), latent(2), cond, uncond)
+    out, report = run(fake_forge, p, cond, uncond, strength=2.0)
+    assert report.applied == 1 and len(results) == 2
+    weights = (0.7 / 1.2, 0.5 / 1.2)
+    for j, (pairs, c, _, _) in enumerate(results):
+        torch.testing.assert_close(c, alone[j], rtol=1e-4, atol=1e-5)
+        assert [pair.scale for pair in pairs] == pytest.approx([7.0 * 1.2 * weights[j]] * 2)
+    u = results[0][2]
+    expected = plain + 7.0 * 1.2 * sum(w * (r.rate - 1) * (c - u)
+                                       for w, (_, c, _, r) in zip(weights, results, strict=True))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_scale_is_the_one_combined_not_the_one_armed(fake_forge):
+    """A conditioning modifier after ours changes the scale: S-CFG uses the scale CFG used."""
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+    direct, _ = run(fake_forge, make_p(), cond, uncond, scale=5.0)
+    fake_forge.teardown()
+    p = make_p()
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    p.sd_model.forge_objects.unet.add_conditioning_modifier(
+        lambda model, x, t, u, c, scale, options, seed: (model, x, t, u, c, 5.0, options, seed))
+    out = step(p, latent(1), cond, uncond, scale=7.0)
+    assert report.applied == 1
+    torch.testing.assert_close(out, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_a_post_cfg_function_before_ours_is_detected(fake_forge):
+    p = make_p()
+    cond, uncond = conds(1, (1,)), conds(1, (2,))
+    report = RunReport()
+    fake_forge.setup(p, make_params(enabled=True), report)
+    options = p.sd_model.forge_objects.unet.model_options
+    options["sampler_post_cfg_function"].insert(0, lambda a: a["denoised"].clamp(-0.5, 0.5))
+    step(p, latent(1), cond, uncond)
+    assert report.applied == 0 and any("not Forge's plain CFG" in w for w in report.warned)

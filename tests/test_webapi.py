@@ -48,6 +48,21 @@ def test_good_args_and_other_routes_pass_through_with_the_body_intact():
     assert sent[1]["body"] == b"not json"
 
 
+def test_only_the_generation_routes_are_wrapped_once():
+    from types import SimpleNamespace
+
+    def route(path, methods=("POST",)):
+        return SimpleNamespace(path=path, methods=set(methods), app=EchoApp())
+
+    routes = [route("/sdapi/v1/txt2img"), route("/sdapi/v1/img2img"), route("/sdapi/v1/options"),
+              route("/sdapi/v1/txt2img", ("GET",))]
+    app = SimpleNamespace(router=SimpleNamespace(routes=routes))
+    assert ApiArgsCheck.install(app) == ["/sdapi/v1/txt2img", "/sdapi/v1/img2img"]
+    assert ApiArgsCheck.install(app) == ["/sdapi/v1/txt2img", "/sdapi/v1/img2img"]
+    assert [type(r.app).__name__ for r in routes] == ["ApiArgsCheck", "ApiArgsCheck", "EchoApp", "EchoApp"]
+    assert isinstance(routes[0].app.app, EchoApp)  # not wrapped twice
+
+
 def test_status_payload_and_report():
     report = RunReport(host="a1111")
     import torch

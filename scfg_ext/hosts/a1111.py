@@ -25,6 +25,7 @@ The fallback path is proven end to end with the core's named-only ``test_fault``
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -415,3 +416,5 @@ try:  # register at import inside the WebUI; elsewhere (unit tests, Forge) there
     _ensure_callbacks()
 except ImportError:
     pass
+except Exception as error:  # a host that refuses them: S-CFG reports it at setup, the WebUI runs on
+    logging.getLogger("scfg").warning("S-CFG: could not register its CFG callbacks: %s", error)
