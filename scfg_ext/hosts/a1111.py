@@ -288,7 +288,10 @@ def on_cfg_denoiser(params) -> None:
     try:
         _follow_model(run)
         call, calls, _, _ = common.sampler_step(denoiser)
-        if not run.params.active_at(call, calls) or not run.targets:
+        if not run.targets:
+            return
+        if not run.params.active_at(call, calls):
+            run.report.fallback(common.OUTSIDE_WINDOW)
             return
         if _uncond_skipped(params, denoiser):
             run.report.fallback(NO_UNCOND)
