@@ -4,6 +4,7 @@ positions, preview rows and step window (through each adapter's own fake host)."
 import pytest
 
 from scfg_ext import StepCapture, make_params
+from scfg_ext.hosts import common
 from scfg_ext.report import RunReport
 from tests import test_a1111_adapter as A
 from tests import test_forge_adapter as F
@@ -73,4 +74,4 @@ def test_step_window_and_cfg_one_agree(host, fake_forge):
     fake_forge.setup(F.make_p(), make_params(enabled=True), report_f)
     F.step(fake_forge._current[3].p, F.latent(1), F.conds(1, (1,)), F.conds(1, (2,)), scale=1.0)
     assert report_a.applied == report_f.applied == 0
-    assert set(report_a.fallbacks) == set(report_f.fallbacks) == {"CFG scale ≤ 1 (no guidance to redistribute)"}
+    assert set(report_a.fallbacks) == set(report_f.fallbacks) == {common.NO_GUIDANCE}
