@@ -142,7 +142,6 @@ def on_cfg_denoiser(params) -> None:
     try:
         if not run.serves(run.p.sd_model.forge_objects.unet):
             setup(run.p, run.params, run.report)
-            run.report.note("S-CFG followed the refiner switch to the new model")
     except Exception as error:
         run.report.fallback(f"S-CFG could not follow the model switch: {error}", warn=True, exc=error)
 

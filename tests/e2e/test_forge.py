@@ -34,7 +34,7 @@ pytestmark = [
 BASE = dict(prompt="a red apple on a wooden table, a cat", negative_prompt="blurry, ugly", seed=1234,
             steps=4, width=64, height=64, cfg_scale=7.0, sampler_name="Euler", scheduler="Automatic",
             batch_size=1, n_iter=1, save_images=False, send_images=True)
-PLAIN_CFG = "CFG scale 1 (no unconditional pass)"
+PLAIN_CFG = "CFG scale ≤ 1 (no guidance to redistribute)"
 RATE_ONE = dict(min_rate=1.0, max_rate=1.0)
 DYNTHRES = "DynamicThresholding (CFG-Fix) Integrated"
 PAG = "PerturbedAttentionGuidance Integrated"
@@ -278,6 +278,43 @@ def test_dynamic_thresholding_pag_and_scfg_all_act():
         assert differs(generate(without, **settings).image, everything.image, 0.05), without
     chained_one = generate([scfg(**RATE_ONE), dyn, pag], **settings)
     assert same(chained_one.image, generate([dyn, pag], **settings).image)
+
+
+def test_refiner_switch_is_followed():
+    """apply_refiner reloads another model mid-pass: its UNet gets S-CFG's patches too."""
+    current = call("/sdapi/v1/options")[1]["sd_model_checkpoint"]
+    others = [m["title"] for m in call("/sdapi/v1/sd-models")[1] if m["title"] != current]
+    if not others:
+        pytest.skip("a refiner switch needs a second checkpoint")
+    refiner = dict(refiner_checkpoint=others[0], refiner_switch_at=0.5)
+    plain, on = generate(**refiner), generate([scfg()], **refiner)
+    assert "Refiner: " in on.infotext, on.infotext
+    applied(on, 4)  # before: the refiner's two steps ran unpatched, counted nowhere
+    assert differs(on.image, plain.image)
+    assert status()["hooks_installed"] == []
+    call("/sdapi/v1/options", {"sd_model_checkpoint": current})
+
+
+def _scfg_sets_up_first() -> bool:
+    """Whether the WebUI runs S-CFG's process_before_every_sampling before the built-ins' (the
+    user-set callback priority; it needs a restart, so the case runs only on such a WebUI)."""
+    order = call("/sdapi/v1/options")[1].get("prioritized_callbacks_script_process_before_every_sampling")
+    return bool(order) and "scfg_guidance.py" in order[0]
+
+
+def test_dynamic_thresholding_set_up_after_scfg_gives_plain_cfg_and_a_warning():
+    """DynThres's cfg function installed after S-CFG's setup: S-CFG must not add its correction
+    on top of the clamp (nor be replaced silently): plain CFG with one warning."""
+    if not _scfg_sets_up_first():
+        pytest.skip("start Forge with Settings > Callbacks > script_process_before_every_sampling "
+                    "callback priority set to S-CFG's script first (restart needed)")
+    dyn = {DYNTHRES: {"args": [True, 7.0, 1.0, "Constant", 0.0, "Constant", 0.0, 1.0, "enable", "MEAN",
+                               "AD", 1.0]}}
+    settings = dict(cfg_scale=15.0)
+    both, alone = generate([scfg(), dyn], **settings), generate([dyn], **settings)
+    assert same(both.image, alone.image)
+    assert both.report["steps_applied"] == 0
+    assert "changed the CFG function after S-CFG's setup" in both.infotext, both.infotext
 
 
 def test_interrupt_leaves_nothing_installed():

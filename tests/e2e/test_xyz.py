@@ -69,9 +69,12 @@ def test_xyz_axes_set_scfg_parameters(host):
     assert pixels(lone["1.0"]) == pixels(plain["images"][0]), "max rate 1 with min rate 1 is plain CFG"
     assert pixels(lone["3.0"]) != pixels(plain["images"][0]), "max rate 3 must let S-CFG act"
 
-    body["script_args"] = xyz_args(axis_index(url, "[S-CFG] Enabled"), x_choices=["False", "True"])
-    body["alwayson_scripts"] = {"S-CFG": {"args": [False]}}
-    code, toggled = api_call(url, "/sdapi/v1/txt2img", body)
-    assert code == 200, toggled
-    texts = json.loads(toggled["info"])["infotexts"]
-    assert sum("S-CFG strength" in t for t in texts) >= 1 and any("S-CFG" not in t for t in texts[1:]), texts
+    for order in (["False", "True"], ["True", "False"]):  # X/Y/Z shares one infotext dict between cells
+        body["script_args"] = xyz_args(axis_index(url, "[S-CFG] Enabled"), x_choices=order)
+        body["alwayson_scripts"] = {"S-CFG": {"args": [False]}}
+        code, toggled = api_call(url, "/sdapi/v1/txt2img", body)
+        assert code == 200, toggled
+        cells = json.loads(toggled["info"])["infotexts"][1:]  # [grid, cell 1, cell 2]
+        assert len(cells) == 2, cells
+        for value, text in zip(order, cells, strict=True):
+            assert ("S-CFG strength" in text) == (value == "True"), (order, text)
