@@ -41,9 +41,9 @@ def power_weights(mode: str, steps: int = 4) -> list[float]:
 def refine_with(apply_self: Callable[[torch.Tensor], torch.Tensor], cross_attn: torch.Tensor,
                 weights: list[float]) -> torch.Tensor:
     """Σ_r w_r · S^r · C computed as repeated products Y_r = S · Y_{r-1}, never S·S (eq. 10)."""
-    refined = torch.zeros_like(cross_attn)
-    y = cross_attn
-    for w in weights:
+    y = apply_self(cross_attn)
+    refined = y * weights[0]
+    for w in weights[1:]:
         y = apply_self(y)
         refined.add_(y, alpha=w)
     return refined
@@ -84,17 +84,19 @@ def _query_chunk(bytes_per_query: int, budget_bytes: int) -> int:
     return max(1, budget_bytes // max(bytes_per_query, 1))
 
 
-def _head_mean_chunks(qh: torch.Tensor, kt: torch.Tensor, budget_bytes: int):
+def _head_mean_chunks(qh: torch.Tensor, kt: torch.Tensor, heads: int, budget_bytes: int):
     """Yield (i, mean_h softmax(q_h · k_hᵀ)[:, i:i+m]) over query chunks, each [rows, m, T] fp32.
 
-    qh: [rows, heads, N, d] (scale folded in), kt: [rows, heads, d, T].
+    qh: [rows·heads, N, d] (scale folded in), kt: [rows·heads, d, T], both contiguous so that each
+    product is one bmm.
     """
-    rows, heads, n, _ = qh.shape
-    t = kt.shape[-1]
+    n, t = qh.shape[1], kt.shape[-1]
+    rows = qh.shape[0] // heads
     if not _one_head_at_a_time(qh.device):
         chunk = _query_chunk(rows * heads * t * 4, budget_bytes)
         for i in range(0, n, chunk):
-            yield i, torch.matmul(qh[:, :, i:i + chunk], kt).softmax(-1).mean(1, dtype=torch.float32)
+            logits = torch.bmm(qh if chunk >= n else qh[:, i:i + chunk], kt)
+            yield i, logits.softmax(-1).view(rows, heads, -1, t).mean(1, dtype=torch.float32)
         return
     # held per query: the [rows, m, T] sum, one head's logits and its softmax
     chunk = min(_query_chunk((rows + 2) * t * 4, budget_bytes), _query_chunk(t * 4, CPU_BLOCK_BYTES))
@@ -102,7 +104,7 @@ def _head_mean_chunks(qh: torch.Tensor, kt: torch.Tensor, budget_bytes: int):
         acc = qh.new_zeros(rows, min(chunk, n - i), t)
         for r in range(rows):
             for h in range(heads):
-                acc[r].add_(torch.matmul(qh[r, h, i:i + chunk], kt[r, h]).softmax(-1))
+                acc[r].add_(torch.matmul(qh[r * heads + h, i:i + chunk], kt[r * heads + h]).softmax(-1))
         yield i, acc.div_(heads)
 
 
@@ -115,8 +117,14 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float |
     whatever the dtype of q/k.
     """
     qh, kt = _scaled_queries_and_keys(q, k, heads, scale, upcast)
-    out = torch.empty(qh.shape[0], qh.shape[2], kt.shape[-1], device=qh.device)
-    for i, probs in _head_mean_chunks(qh, kt, budget_bytes):
+    n = qh.shape[1]
+    chunks = _head_mean_chunks(qh, kt, heads, budget_bytes)
+    first = next(chunks)[1]
+    if first.shape[1] == n:  # one chunk: no copy
+        return first
+    out = torch.empty(first.shape[0], n, kt.shape[-1], device=qh.device)
+    out[:, :first.shape[1]] = first
+    for i, probs in chunks:
         out[:, i:i + probs.shape[1]] = probs
     return out
 
@@ -130,20 +138,23 @@ def _logits_dtype(q: torch.Tensor, upcast: bool = False) -> torch.dtype:
 
 
 def _scaled_queries_and_keys(q, k, heads, scale, upcast=False):
-    """[rows, heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
-    logits) and [rows, heads, d, T] keys, in the logits' dtype."""
+    """[rows·heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
+    logits) and [rows·heads, d, T] keys, in the logits' dtype, each made contiguous once."""
     dtype = _logits_dtype(q, upcast)
-    qh, kh = split_heads(q, heads, dtype), split_heads(k, heads, dtype)
-    scale = qh.shape[-1] ** -0.5 if scale is None else scale
-    return qh * scale, kh.transpose(-1, -2)
+    rows, n, inner = q.shape
+    d = inner // heads
+    scale = d ** -0.5 if scale is None else scale
+    qh = (q.to(dtype) * scale).view(rows, n, heads, d).transpose(1, 2).reshape(rows * heads, n, d)
+    kt = k.to(dtype).view(rows, k.shape[1], heads, d).permute(0, 2, 3, 1).reshape(rows * heads, d, -1)
+    return qh, kt
 
 
-def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor,
+def _streamed_self_product(qh: torch.Tensor, kt: torch.Tensor, heads: int,
                            budget_bytes: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Y ↦ S·Y with S = mean_h softmax(q_h k_hᵀ) (scale folded into q), S recomputed in query chunks."""
     def apply(y: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(y)
-        for i, probs in _head_mean_chunks(qh, kt, budget_bytes):
+        for i, probs in _head_mean_chunks(qh, kt, heads, budget_bytes):
             out[:, i:i + probs.shape[1]] = torch.bmm(probs, y)
         return out
     return apply
@@ -167,7 +178,7 @@ def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, 
         out = refine_with(lambda y: torch.bmm(s, y), cross_attn.float(), weights)
         return out.to(cross_attn.dtype)
     qh, kt = _scaled_queries_and_keys(q, k, heads, scale, upcast)
-    apply_self = _streamed_self_product(qh, kt, budget_bytes)
+    apply_self = _streamed_self_product(qh, kt, heads, budget_bytes)
     return refine_with(apply_self, cross_attn.float(), weights).to(cross_attn.dtype)
 
 

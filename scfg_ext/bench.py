@@ -13,7 +13,9 @@ Recomputing ``to_q`` / ``to_k`` of every observed block is timed separately ("q/
 the real projection sizes: what a host adapter pays when it cannot reuse the attention's own q/k
 (the A1111 adapter reuses them unless another extension changed the attention's inputs; Forge's
 patches receive them). ``--profile`` prints torch.profiler's top operators of one S-CFG step (core
-+ q/k recompute) of the first config and batch instead of the table.
++ q/k recompute) of the first config and batch instead of the table. ``--count-ops`` prints the
+aten operators S-CFG issues per observed block and per step, and its host syncs per step, on the
+code path a GPU takes (counted on any device with a dispatch mode; see ``count_ops``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import attention
 from .params import make_params
+from .report import RunReport
+from .segment import Geometry
 from .step import Pair, StepCapture
 
 
@@ -115,6 +120,57 @@ def scfg_step(blocks, latent, batch, params, device, dtype):
     return capture.result([Pair(i, batch + i, 7.0) for i in range(batch)], c, u)
 
 
+# Operators that make the host wait for the device: reading a value back (.item(), float(), bool(),
+# .tolist()) and tensors made from host data (torch.tensor(list)), a blocking host-to-device copy.
+SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.item")
+HOST_DATA_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy")
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts every aten operator call (after decomposition into the dispatcher's ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(config: str, batch: int = 1, device="cpu", dtype=torch.float32) -> dict:
+    """aten ops per observed block and per step, and host syncs per step, of one S-CFG step as an
+    adapter drives it (capture of every block, the rate map, the run report), on the GPU code path
+    (one query chunk of all heads at a time, not the CPU's per-head blocks)."""
+    latent, levels = CONFIGS[config]
+    blocks = make_inputs(levels, batch, torch.device(device), dtype, 10**6)
+    params = make_params(enabled=True)
+    gpu_path = attention._one_head_at_a_time
+    attention._one_head_at_a_time = lambda device: False
+    try:
+        grid = max((lv.size for lv in levels), key=lambda s: s[0] * s[1])
+        rows = tuple(range(2 * batch))
+        c = torch.randn(batch, 4, *latent, device=device, dtype=dtype)
+        u = torch.randn(batch, 4, *latent, device=device, dtype=dtype)
+        geometry = Geometry()  # an adapter's, built in the pass's first step and kept
+        for _ in range(2):  # the second step is the one counted
+            with OpCounter() as per_blocks:
+                capture = StepCapture(params, grid, layers=len(blocks), geometry=geometry)
+                for i, (level, q, k, qc, kc, _) in enumerate(blocks):
+                    capture.self_attention(i, rows, q, k, level.heads, None)
+                    capture.cross_attention(i, rows, qc, kc, level.heads, None, level.size)
+            with OpCounter() as per_result:
+                result = capture.result([Pair(i, batch + i, 7.0) for i in range(batch)], c, u)
+                RunReport().step_applied(result.rate)
+    finally:
+        attention._one_head_at_a_time = gpu_path
+    ops = per_blocks.ops + per_result.ops
+    return {"config": config, "batch": batch, "blocks": len(blocks),
+            "ops_per_block": len(per_blocks.ops) / len(blocks), "ops_result": len(per_result.ops),
+            "ops_per_step": len(ops), "syncs_per_step": sum(op in SYNC_OPS for op in ops),
+            "host_data_per_step": sum(op in HOST_DATA_OPS for op in ops)}
+
+
 def profile(config, batch, device, dtype, max_blocks, top=15):
     """torch.profiler's operator table of one S-CFG step (core + q/k recompute)."""
     from torch.profiler import ProfilerActivity
@@ -187,8 +243,21 @@ def main(argv=None):
                     help="time at most this many blocks per level and scale the times up (CPU: 6)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler's top operators of one step of the first config/batch")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="print aten ops per observed block / per step and host syncs per step")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one config/batch in this process
     args = ap.parse_args(argv)
+    if args.count_ops:
+        print("| config | batch | observed blocks | aten ops per block | ops in the rate map | ops per step |"
+              " host syncs per step | tensors from host data per step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for config in args.configs:
+            for batch in args.batches:
+                r = count_ops(config, batch)
+                print(f"| {config} | {batch} | {r['blocks']} | {r['ops_per_block']:.1f} | "
+                      f"{r['ops_result']} | {r['ops_per_step']} | {r['syncs_per_step']} | "
+                      f"{r['host_data_per_step']} |")
+        return
     device = torch.device(args.device)
     default_dtype = torch.float16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from .segment import EPS, smooth3x3
 
 
-def _per_image(value: float | torch.Tensor, batch: int, device) -> torch.Tensor:
-    """A scalar or [B] value as a [B, 1, 1, 1] fp32 tensor."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=device)
-    return t.expand(batch).reshape(batch, 1, 1, 1) if t.ndim == 0 else t.reshape(batch, 1, 1, 1)
+def _per_image(value: float | torch.Tensor, batch: int) -> float | torch.Tensor:
+    """A Python number as it is (no tensor made from host data), a [B] tensor as [B, 1, 1, 1]."""
+    if isinstance(value, torch.Tensor):
+        return value.float().reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1) if value.ndim else value.float()
+    return float(value)
 
 
 def guidance_norm(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,8 @@ def _to_latent(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def rate_from_labels(labels: torch.Tensor, foreground: torch.Tensor, cond: torch.Tensor,
                      uncond: torch.Tensor, cfg_scale: float | torch.Tensor, tokens: int,
                      min_rate: float = 0.8, max_rate: float = 3.0, max_scale: float = 15.0,
-                     strength: float = 1.0, smooth: bool = True) -> torch.Tensor:
+                     strength: float = 1.0, smooth: bool = True,
+                     kernel: torch.Tensor | None = None) -> torch.Tensor:
     """The rate map r, [B, 1, H, W], from per-pixel token labels [B, h, w] (see ``rate_map``).
 
     ``strength`` s blends towards plain CFG before the clamps: r ← 1 + s·(r − 1)
@@ -64,14 +66,22 @@ def rate_from_labels(labels: torch.Tensor, foreground: torch.Tensor, cond: torch
     rate = region_rates(labels, bench, eta, tokens).gather(1, labels).view(b, 1, height, width)
     if strength != 1.0:
         rate = 1 + strength * (rate - 1)
-    cap = max_scale / _per_image(cfg_scale, b, cond.device).abs().clamp_min(EPS)
-    upper = torch.minimum(torch.full_like(cap, max_rate), cap)
-    lower = torch.minimum(torch.full_like(cap, min_rate), upper)
-    rate = torch.minimum(rate.clamp(min_rate, max_rate), cap)
+    gamma = _per_image(cfg_scale, b)
+    if isinstance(gamma, float):  # one scale for every image (no AND weights): plain numbers
+        upper = min(max_rate, max_scale / max(abs(gamma), EPS))
+        lower = min(min_rate, upper)
+        rate = rate.clamp(min_rate, max_rate).clamp(max=upper)
+    else:
+        cap = max_scale / gamma.abs().clamp_min(EPS)
+        upper = cap.clamp(max=max_rate)
+        lower = upper.clamp(max=min_rate)
+        rate = torch.minimum(rate.clamp(min_rate, max_rate), cap)
     if smooth:
         # Smoothing the deviation from plain CFG keeps r ≡ 1 exactly 1; a convex combination stays
         # inside the clamps, and clamping again only removes float rounding.
-        rate = torch.maximum(torch.minimum(1 + smooth3x3(rate - 1), upper), lower)
+        rate = 1 + smooth3x3(rate - 1, kernel)
+        rate = rate.clamp(lower, upper) if isinstance(gamma, float) else \
+            torch.maximum(torch.minimum(rate, upper), lower)
     return rate.to(cond.dtype)
 
 
@@ -95,7 +105,7 @@ def rate_map(token_masks: torch.Tensor, foreground: torch.Tensor, cond: torch.Te
 def combine(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float | torch.Tensor,
             rate: torch.Tensor) -> torch.Tensor:
     """Eq. 12: u + γ·r ⊙ (c − u). With r ≡ 1 this is plain CFG (eq. 7)."""
-    gamma = _per_image(cfg_scale, cond.shape[0], cond.device)
+    gamma = _per_image(cfg_scale, cond.shape[0])
     out = uncond.float() + gamma * rate.float() * (cond.float() - uncond.float())
     return out.to(cond.dtype)
 
@@ -113,18 +123,5 @@ def prescale_cond(cond: torch.Tensor, uncond: torch.Tensor, rate: torch.Tensor) 
 def correction(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float | torch.Tensor,
                rate: torch.Tensor) -> torch.Tensor:
     """γ·(r − 1)·(c − u): what turns a plain-CFG result into eq. 12 when added to it."""
-    gamma = _per_image(cfg_scale, cond.shape[0], cond.device)
+    gamma = _per_image(cfg_scale, cond.shape[0])
     return (gamma * (rate.float() - 1) * (cond.float() - uncond.float())).to(cond.dtype)
-
-
-def mix_rates(rates: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """One rate map for AND sub-prompts whose predictions a host averages before CFG (Forge).
-
-    rates: [K, B, 1, H, W], one map per sub-prompt; the maps are averaged with the |weights| the
-    host averages the predictions with (equal weights if they sum to 0).
-    """
-    if len(weights) == 1:
-        return rates[0]
-    w = rates.new_tensor([abs(float(v)) for v in weights])
-    w = w if float(w.sum()) > 0 else torch.ones_like(w)
-    return (rates * w.view(-1, *[1] * (rates.dim() - 1))).sum(0) / w.sum()

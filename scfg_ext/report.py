@@ -23,9 +23,7 @@ class RunReport:
     host: str = ""
     applied: int = 0
     fallbacks: Counter = field(default_factory=Counter)
-    rate_min: float | None = None
-    rate_max: float | None = None
-    _rate_sum: float = 0.0
+    _stats: object = None  # [min, max, sum of means] of the rate, on the device until read
     _rate_count: int = 0
     warned: set = field(default_factory=set)
     notes: list = field(default_factory=list)
@@ -35,13 +33,32 @@ class RunReport:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def step_applied(self, rate: torch.Tensor) -> None:
-        lo, hi, mean = rate.min().item(), rate.max().item(), rate.float().mean().item()
+        """Count a step; its rate statistics stay on the device (no sync) until they are read."""
+        flat = rate.detach().float().flatten()
+        stats = torch.stack([flat.min(), flat.max(), flat.mean()])
         with self._lock:
             self.applied += 1
-            self.rate_min = lo if self.rate_min is None else min(self.rate_min, lo)
-            self.rate_max = hi if self.rate_max is None else max(self.rate_max, hi)
-            self._rate_sum += mean
+            if self._stats is None:
+                self._stats = stats
+            else:
+                self._stats = torch.stack([torch.minimum(self._stats[0], stats[0]),
+                                           torch.maximum(self._stats[1], stats[1]),
+                                           self._stats[2] + stats[2]])
             self._rate_count += 1
+
+    def _read(self) -> list[float] | None:
+        with self._lock:
+            return None if self._stats is None else self._stats.tolist()
+
+    @property
+    def rate_min(self) -> float | None:
+        stats = self._read()
+        return None if stats is None else stats[0]
+
+    @property
+    def rate_max(self) -> float | None:
+        stats = self._read()
+        return None if stats is None else stats[1]
 
     def record(self, step: int, total: int, result, rows: list[tuple[int, int]], scales: list[float]) -> None:
         """Keep the low-resolution maps of a few steps for previews (nothing when previews are off).
@@ -76,7 +93,8 @@ class RunReport:
 
     @property
     def rate_mean(self) -> float | None:
-        return self._rate_sum / self._rate_count if self._rate_count else None
+        stats = self._read()
+        return None if stats is None else stats[2] / self._rate_count
 
     def warning_text(self) -> str:
         """One line for the infotext, empty when nothing went wrong."""
@@ -85,10 +103,12 @@ class RunReport:
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
+        stats = self._read()  # the one read of the device statistics
+        lo, hi, total = stats if stats is not None else (None, None, None)
         return {
             "host": self.host,
             "steps_applied": self.applied,
             "steps_fallback": dict(self.fallbacks),
-            "rate": {"min": self.rate_min, "mean": self.rate_mean, "max": self.rate_max},
+            "rate": {"min": lo, "mean": None if total is None else total / self._rate_count, "max": hi},
             "notes": list(self.notes),
         }

@@ -39,9 +39,12 @@ def official_kernel_1d(dtype=torch.float32, device=None) -> torch.Tensor:
     return g / g.sum()
 
 
-def smooth3x3(maps: torch.Tensor) -> torch.Tensor:
-    """Separable 3×3 smoothing of [B, C, h, w] with reflect padding (replicate on 1-pixel axes)."""
-    g = official_kernel_1d(maps.dtype, maps.device)
+def smooth3x3(maps: torch.Tensor, kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable 3×3 smoothing of [B, C, h, w] with reflect padding (replicate on 1-pixel axes).
+
+    kernel: the 1-D kernel in the maps' dtype and device, when the caller keeps one (``Geometry``).
+    """
+    g = official_kernel_1d(maps.dtype, maps.device) if kernel is None else kernel
     b, c, h, w = maps.shape
     mode = "reflect" if min(h, w) >= 2 else "replicate"
     x = F.pad(maps.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode=mode)
@@ -70,7 +73,7 @@ def chunk_starts(keys: torch.Tensor, chunk: int = TOKENS_PER_CHUNK, rtol: float 
     """
     rows, length, _ = keys.shape
     starts = torch.zeros(rows, length, dtype=torch.bool, device=keys.device)
-    starts[:, 0] = True
+    starts.select(1, 0).fill_(True)
     for c in range(chunk, length, chunk):
         last = keys[:, c - 1:c].float()
         repeated = (keys[:, c:].float() - last).abs().amax((1, 2)) <= rtol * last.abs().amax((1, 2))
@@ -120,15 +123,61 @@ class FusedMaps:
     start_mask: torch.Tensor
 
 
-class LayerFusion:
-    """Running fusion over attention layers (one call per layer), so no layer's map is kept."""
+class Geometry:
+    """Constants of a generation's grids, built once and reused by every step and layer: the
+    smoothing kernel, and for each layer size the weights w with w·M = the spatial mean of the
+    upsampled (and, official, smoothed) map M on the mask grid."""
 
-    def __init__(self, preset: str, grid: tuple[int, int], starts):
+    def __init__(self):
+        self._cache: dict = {}
+
+    def kernel(self, device) -> torch.Tensor:
+        key = ("kernel", str(device))
+        if key not in self._cache:
+            self._cache[key] = official_kernel_1d(torch.float32, device)
+        return self._cache[key]
+
+    def mean_weights(self, size: tuple[int, int], grid: tuple[int, int], smooth: bool,
+                     device) -> torch.Tensor:
+        """[1, 1, h·w] fp32: upsampling and smoothing are linear, so the grid mean of a layer's map is a
+        fixed weighting of its pixels; found by mapping each pixel's indicator through them."""
+        key = ("mean", tuple(size), tuple(grid), smooth, str(device))
+        if key not in self._cache:
+            n = size[0] * size[1]
+            weights = torch.empty(n, device=device)
+            for i in range(0, n, 256):
+                m = min(256, n - i)
+                basis = torch.zeros(1, m, n, device=device)
+                basis[0, torch.arange(m), torch.arange(i, i + m)] = 1.0
+                images = rearrange(basis, "b l (h w) -> b l h w", h=size[0])
+                if tuple(size) != tuple(grid):
+                    images = F.interpolate(images, size=tuple(grid), mode="bilinear", align_corners=False)
+                if smooth:
+                    images = smooth3x3(images, self.kernel(device))
+                weights[i:i + m] = images.mean((-2, -1))[0]
+            self._cache[key] = weights[None, None]  # [1, 1, h·w], expanded over rows by the caller
+        return self._cache[key]
+
+
+class LayerFusion:
+    """Running fusion over attention layers (one call per layer), so no layer's map is kept.
+
+    The authors upsample, smooth and normalise every layer's map, then average the layers. All
+    but the normalisation are linear, and the normalisation divides each token by a constant (its
+    grid mean, w·M by ``Geometry.mean_weights``): so each layer is divided on its own grid and
+    summed per layer size, and the upsampling and smoothing run once per size and step, not once
+    per layer. The official [START, rest] channels are two more columns, M·[m_START, 1 − m_START],
+    normalised alike.
+    """
+
+    def __init__(self, preset: str, grid: tuple[int, int], starts, geometry: Geometry | None = None):
         """starts: START positions, one list for all rows, a list per row or a [B, L] mask."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         self.preset, self.grid, self.starts = preset, tuple(grid), starts
-        self.tokens = self.start_rest = self.uniform = self.start_mask = None
+        self.geometry = geometry or Geometry()
+        self.start_mask = self._columns = None
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}  # layer size -> [B, h·w, C] sum
         self.layers = 0
         self.blocks: set = set()  # names of the blocks folded in, for callers that track them
 
@@ -137,27 +186,37 @@ class LayerFusion:
         flat = maps.float()
         if self.start_mask is None:
             self.start_mask = as_start_mask(self.starts, flat.shape[0], flat.shape[-1], flat.device)
-        uniform = (flat.amax(-1) - flat.amin(-1)).amax(-1) <= 1e-6 * flat.amax((-2, -1))
-        x = to_grid(flat, size, self.grid)
-        rest = None
+            if self.preset == "official":  # [I | m_START | 1 − m_START]: tokens, START, rest
+                start = self.start_mask.float()[:, :, None]
+                eye = torch.eye(flat.shape[-1], device=flat.device).expand(flat.shape[0], -1, -1)
+                self._columns = torch.cat([eye, start, 1 - start], -1)
         if self.preset == "official":
-            x = smooth3x3(x)
-            rest = spatial_normalise(start_vs_rest(x, self.start_mask))
-            x = spatial_normalise(x)
-        if self.layers == 0:
-            self.tokens, self.start_rest, self.uniform = x, rest, uniform
+            x = torch.bmm(flat, self._columns)
+            weights = self.geometry.mean_weights(size, self.grid, True, flat.device)
+            mean = torch.bmm(weights.expand(x.shape[0], 1, -1), x)  # [B, 1, C]
+            x = x / (mean + EPS)  # eq. 9 per layer, as the authors normalise
         else:
-            self.tokens = self.tokens + x
-            self.start_rest = None if rest is None else self.start_rest + rest
-            self.uniform = self.uniform & uniform
+            x = flat.clone()  # the sum grows in place: never in the caller's tensor
+        total = self._sums.get(tuple(size))
+        self._sums[tuple(size)] = x if total is None else total.add_(x)
         self.layers += 1
 
     def result(self) -> FusedMaps:
         if self.layers == 0:
             raise ValueError("no attention layer was fused")
-        n = self.layers
-        return FusedMaps(self.tokens / n, None if self.start_rest is None else self.start_rest / n,
-                         self.uniform, self.start_mask)
+        fused = None
+        for size, total in self._sums.items():
+            x = to_grid(total, size, self.grid)
+            if self.preset == "official":
+                x = smooth3x3(x, self.geometry.kernel(x.device))
+            fused = x if fused is None else fused + x
+        fused = fused / self.layers
+        length = self.start_mask.shape[1]
+        tokens = fused[:, :length]
+        start_rest = fused[:, length:] if self.preset == "official" else None
+        spread = tokens.amax(1) - tokens.amin(1)
+        uniform = spread.flatten(1).amax(1) <= 1e-6 * tokens.flatten(1).amax(1)  # zero context
+        return FusedMaps(tokens, start_rest, uniform, self.start_mask)
 
 
 def token_labels(fused: FusedMaps, preset: str) -> torch.Tensor:

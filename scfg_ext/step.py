@@ -15,7 +15,7 @@ import torch
 from .attention import DEFAULT_BUDGET_BYTES, head_mean_probs, refine_streamed
 from .guidance import rate_from_labels
 from .params import ScfgParams
-from .segment import FusedMaps, LayerFusion, chunk_starts, foreground, token_labels
+from .segment import FusedMaps, Geometry, LayerFusion, chunk_starts, foreground, token_labels
 
 
 class CaptureError(RuntimeError):
@@ -43,12 +43,14 @@ class StepCapture:
 
     upcast: attention logits in fp32 even for half-precision q/k (A1111's "upcast cross
     attention layer to float32", which SD2.x needs in fp16), as the host's own attention does.
+    geometry: the generation's constants (kernels, grid weights), kept by the adapter's run.
     """
 
     def __init__(self, params: ScfgParams, grid: tuple[int, int], layers: int,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False):
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False,
+                 geometry: Geometry | None = None):
         self.params, self.grid, self.layers, self.budget = params, tuple(grid), layers, budget_bytes
-        self.upcast = upcast
+        self.upcast, self.geometry = upcast, geometry or Geometry()
         self._self_qk: dict = {}
         self._fusions: dict[tuple[int, ...], LayerFusion] = {}
 
@@ -78,7 +80,7 @@ class StepCapture:
             # A block seen again for the same rows is a later pass over the UNet (ControlNet
             # reference-only runs a nested reference pass first): the last full pass wins.
             # The START positions are read once per fusion from the first layer's keys.
-            fusion = LayerFusion(self.params.preset, self.grid, chunk_starts(k))
+            fusion = LayerFusion(self.params.preset, self.grid, chunk_starts(k), self.geometry)
             self._fusions[rows] = fusion
         fusion.add(refined, size)
         fusion.blocks.add(block)
@@ -113,7 +115,9 @@ class StepCapture:
         uncond_maps = self._gather([p.uncond_row for p in pairs])
         labels = token_labels(cond_maps, params.preset)
         fg = foreground(cond_maps, uncond_maps, params.preset, params.region)
-        scales = cond.new_tensor([p.scale for p in pairs], dtype=torch.float32)
-        rate = rate_from_labels(labels, fg, cond, uncond, scales, cond_maps.tokens.shape[1],
-                                params.min_rate, params.max_rate, params.max_scale, params.strength)
+        scales = [p.scale for p in pairs]
+        scale = scales[0] if len(set(scales)) == 1 else cond.new_tensor(scales, dtype=torch.float32)
+        rate = rate_from_labels(labels, fg, cond, uncond, scale, cond_maps.tokens.shape[1],
+                                params.min_rate, params.max_rate, params.max_scale, params.strength,
+                                kernel=self.geometry.kernel(cond.device))
         return StepResult(rate, labels, fg)

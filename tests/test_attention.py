@@ -106,14 +106,16 @@ def test_streamed_never_builds_a_full_self_map(per_head, monkeypatch):
     """Under a small budget no matmul produces an N×N block: only query chunks."""
     n, heads, budget = 64, 2, 4 * 2 * 64 * 8  # 8 queries of [heads, N] per chunk
     seen = []
-    real = torch.matmul
 
-    def spy(a, b):
-        out = real(a, b)
-        seen.append(out.shape)
-        return out
+    def spy(real):
+        def product(a, b):
+            out = real(a, b)
+            seen.append(out.shape)
+            return out
+        return product
 
-    monkeypatch.setattr(torch, "matmul", spy)
+    monkeypatch.setattr(torch, "matmul", spy(torch.matmul))  # one head at a time
+    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))  # all heads at once
     monkeypatch.setattr(attention, "_one_head_at_a_time", lambda device: per_head)
     q = torch.randn(1, n, heads * 4)
     refine_streamed(q, q.clone(), probs(1, n, 5), heads, None, 4, "paper", budget_bytes=budget)
@@ -127,8 +129,9 @@ def test_half_inputs_give_half_logits_on_a_gpu_only(per_head, dtype, monkeypatch
     """All heads at once (the GPU way) keeps half q/k for the logits; one head at a time (the CPU
     way) computes them in fp32. Either way the head mean comes back fp32 and close to fp32 math."""
     seen = []
-    real = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(real(a, b)) or seen[-1])
+    for name in ("matmul", "bmm"):  # the logits' products, one head at a time / all heads at once
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda a, b, real=real: seen.append(real(a, b)) or seen[-1])
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 64, 4 * 16, generator=g), torch.randn(2, 64, 4 * 16, generator=g)
     with head_blocks(per_head):

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scfg_ext import combine, correction, prescale_cond, rate_map, semantic_masks
-from scfg_ext.guidance import guidance_norm, mix_rates
+from scfg_ext.guidance import guidance_norm
 
 from .synthetic import cross_attention, region_labels
 
@@ -152,11 +152,3 @@ def test_low_precision_inputs_come_back_in_their_dtype(dtype):
     ref = rate_map(quadrant_masks(), torch.ones(2, 1, 4, 4), c.float(), u.float(), 7.5)
     torch.testing.assert_close(rate.float(), ref, atol=2e-2, rtol=2e-2)
     assert combine(c, u, 7.5, rate).dtype == dtype
-
-
-def test_mix_rates_weights_sub_prompts_like_their_predictions():
-    a, b = torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 2.0)
-    assert torch.equal(mix_rates(torch.stack([a]), [0.7]), a)
-    torch.testing.assert_close(mix_rates(torch.stack([a, b]), [1.0, 3.0]), torch.full_like(a, 1.75))
-    torch.testing.assert_close(mix_rates(torch.stack([a, b]), [1.0, -1.0]), torch.full_like(a, 1.5))
-    torch.testing.assert_close(mix_rates(torch.stack([a, b]), [0.0, 0.0]), torch.full_like(a, 1.5))

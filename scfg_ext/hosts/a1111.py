@@ -32,6 +32,7 @@ import torch
 
 from ..guidance import prescale_cond
 from ..levels import mask_grid_for
+from ..segment import Geometry
 from ..step import CaptureError, Pair, StepCapture
 from . import common
 from .common import NO_GUIDANCE, NO_UNCOND
@@ -78,6 +79,7 @@ class Run:
     names: list = field(default_factory=list)
     sizes: dict = field(default_factory=dict)
     call: Call | None = None
+    geometry: Geometry = field(default_factory=Geometry)  # the pass's constant tensors
 
 
 _run: Run | None = None
@@ -346,7 +348,7 @@ def _new_call(run: Run, params, denoiser) -> Call:
         raise CaptureError(f"x_in has {n_rows} rows for {row} cond + {len(conds_list)} uncond")
     hw = tuple(params.x.shape[-2:])
     capture = StepCapture(run.params, mask_grid_for(*hw, run.factors), len(run.targets),
-                          upcast=bool(getattr(_opts(), "upcast_attn", False)))
+                          upcast=bool(getattr(_opts(), "upcast_attn", False)), geometry=run.geometry)
     gamma = float(extra["cond_scale"]) * float(denoiser.cond_scale_miltiplier)  # 1/12.5 for CFG++
     _, _, step, steps = common.sampler_step(denoiser)
     return Call(capture, n_rows, row, conds_list, gamma, hw, (step, steps))

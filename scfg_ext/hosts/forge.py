@@ -35,6 +35,7 @@ from ..guidance import prescale_cond
 from ..levels import level_of_tokens, level_size, mask_grid_for
 from ..params import ScfgParams
 from ..report import RunReport
+from ..segment import Geometry
 from ..step import CaptureError, Pair, StepCapture
 from . import common
 
@@ -226,6 +227,7 @@ class _Run:
         self.patches: set = set()  # our attention patches, to check every step that they still apply
         self.chained = None  # the cfg function we chain, or None for the post-cfg correction
         self.active, self.armed, self.step = True, None, None
+        self.geometry, self.upcast = Geometry(), BACKEND.upcast()  # per pass, not per step
 
     # ----- installation -----------------------------------------------------------------
     def install(self, unet) -> None:
@@ -336,7 +338,7 @@ class _Run:
     def _new_step(self, cond, uncond, x) -> _Step:
         height, width = x.shape[-2:]
         capture = StepCapture(self.params, mask_grid_for(height, width, self.factors), len(self.keys),
-                              upcast=BACKEND.upcast())
+                              upcast=self.upcast, geometry=self.geometry)
         denoiser = getattr(getattr(self.p, "sampler", None), "model_wrap_cfg", None)
         at = common.sampler_step(denoiser)[2:] if getattr(denoiser, "total_steps", None) else None
         return _Step(capture, None, at, x.shape[0], len(cond), _cond_order(cond, uncond),
