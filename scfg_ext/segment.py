@@ -131,6 +131,15 @@ class Geometry:
     def __init__(self):
         self._cache: dict = {}
 
+    def budget(self, device) -> int:
+        """The memory budget for one block's self-attention map on ``device``."""
+        from .attention import device_budget
+
+        key = ("budget", str(device))
+        if key not in self._cache:
+            self._cache[key] = device_budget(device)
+        return self._cache[key]
+
     def kernel(self, device) -> torch.Tensor:
         key = ("kernel", str(device))
         if key not in self._cache:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import DEFAULT_BUDGET_BYTES, head_mean_probs, refine_streamed
+from .attention import head_mean_probs, refine_streamed
 from .guidance import rate_from_labels
 from .params import ScfgParams
 from .segment import FusedMaps, Geometry, LayerFusion, chunk_starts, foreground, token_labels
@@ -44,10 +44,12 @@ class StepCapture:
     upcast: attention logits in fp32 even for half-precision q/k (A1111's "upcast cross
     attention layer to float32", which SD2.x needs in fp16), as the host's own attention does.
     geometry: the generation's constants (kernels, grid weights), kept by the adapter's run.
+    budget_bytes: the most one block's self-attention map may hold (default: the device's, see
+    ``attention.device_budget``).
     """
 
     def __init__(self, params: ScfgParams, grid: tuple[int, int], layers: int,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, upcast: bool = False,
+                 budget_bytes: int | None = None, upcast: bool = False,
                  geometry: Geometry | None = None):
         self.params, self.grid, self.layers, self.budget = params, tuple(grid), layers, budget_bytes
         self.upcast, self.geometry = upcast, geometry or Geometry()
@@ -72,6 +74,8 @@ class StepCapture:
         if q.shape[1] != size[0] * size[1] or q.shape[0] != len(rows):
             raise CaptureError(f"cross-attention of {block}: tokens {q.shape[1]} != {size[0]}x{size[1]}")
         _, q1, k1, heads1, scale1 = stashed
+        if self.budget is None:
+            self.budget = self.geometry.budget(q.device)
         cross = head_mean_probs(q, k, heads, scale, self.budget, self.upcast)
         refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.refine_power,
                                   self.params.preset, self.budget, self.upcast)
