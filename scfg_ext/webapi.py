@@ -34,11 +34,12 @@ def api_args_error(payload: dict) -> str | None:
     return None
 
 
-def status_payload(host: str, installed: list[str], last: dict) -> dict:
-    """The body of GET /scfg/v1/status."""
+def status_payload(host: str, installed: list[str], last: dict, host_name: str = "") -> dict:
+    """The body of GET /scfg/v1/status: host is the adapter family, host_name the WebUI."""
     return {
         "version": __version__,
         "host": host,
+        "host_name": host_name or host,
         "hooks_installed": list(installed),
         "last_run": last["report"].as_dict(),
         "last_error": last.get("error"),

@@ -19,7 +19,7 @@ from scfg_ext import (
     make_params,
     to_infotext,
 )
-from scfg_ext.hosts import adapter, detect_host
+from scfg_ext.hosts import adapter, detect_host, host_name
 from scfg_ext.params import FIELD_BY_NAME, INFOTEXT_PREFIX, OLD_INFOTEXT_KEYS, infotext_key
 from scfg_ext.preview import render, split_and
 from scfg_ext.report import RunReport
@@ -27,6 +27,7 @@ from scfg_ext.webapi import ApiArgsCheck, status_payload
 
 log = logging.getLogger("scfg")
 HOST = detect_host()
+HOST_NAME = host_name(HOST)
 HOOKS = adapter(HOST)
 LAST = {"report": RunReport(host=HOST), "error": None}
 
@@ -93,7 +94,8 @@ class Script(scripts.Script):
         controls = []
         with InputAccordion(False, label="S-CFG", elem_id=f"scfg_{tab}") as enabled:
             gr.HTML(f'<p class="scfg-note">Semantic-aware CFG (Shen et al., CVPR 2024) '
-                    f'v{__version__} on {HOST}.</p>')
+                    f'v{__version__} on {HOST_NAME}, for SD1.x, SD2.x and SDXL UNets (not DiT models '
+                    f'such as Flux yet).</p>')
             by_name = {}
             for field in FIELDS[1:]:
                 by_name[field.name] = _component(field, tab)
@@ -252,13 +254,14 @@ def _add_xyz_axes():
                 if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")), None)
     if xyz is None or any(o.label.startswith("[S-CFG]") for o in xyz.axis_options):
         return
-    options = [xyz.AxisOption("[S-CFG] Enabled", str, xyz.apply_field("scfg_enabled"),
-                              choices=xyz.boolean_choice(reverse=True))]
+    apply_field, boolean_choice = _xyz_helpers(xyz)
+    options = [xyz.AxisOption("[S-CFG] Enabled", str, apply_field("scfg_enabled"),
+                              choices=boolean_choice(reverse=True))]
     for field in FIELDS[1:]:
         if isinstance(field.default, bool) or field.name == "levels":
             continue
         label = f"[S-CFG] {field.name.replace('_', ' ').capitalize()}"
-        apply = xyz.apply_field(f"scfg_{field.name}")
+        apply = apply_field(f"scfg_{field.name}")
         if field.choices is not None:
             options.append(xyz.AxisOption(label, str, apply, choices=lambda f=field: list(f.choices)))
         else:
@@ -266,9 +269,20 @@ def _add_xyz_axes():
     xyz.axis_options.extend(options)
 
 
+def _xyz_helpers(xyz):
+    """apply_field and boolean_choice: in the script module (A1111, Forge, reForge), or in the
+    built-in xyz extension's lib_xyz package (Forge Classic, Neo 2026)."""
+    apply_field, boolean_choice = getattr(xyz, "apply_field", None), getattr(xyz, "boolean_choice", None)
+    if apply_field is None:
+        from lib_xyz.axis_application import apply_field
+    if boolean_choice is None:
+        from lib_xyz.utils import boolean_choice
+    return apply_field, boolean_choice
+
+
 def _on_app_started(demo, app):
     """GET /scfg/v1/status, and a 422 for S-CFG API args out of range before any sampling starts."""
-    app.add_api_route("/scfg/v1/status", lambda: status_payload(HOST, HOOKS.installed(), LAST),
+    app.add_api_route("/scfg/v1/status", lambda: status_payload(HOST, HOOKS.installed(), LAST, HOST_NAME),
                       methods=["GET"])
     ApiArgsCheck.install(app)  # nothing to wrap without --api
 

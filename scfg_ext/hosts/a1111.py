@@ -137,13 +137,7 @@ def prompt_tokens(p, text: str) -> list[str | None]:
     """The CLIP pieces of ``text`` per context position, as A1111 chunks it (SDXL: its CLIP-L)."""
     from modules import shared
 
-    model = shared.sd_model.cond_stage_model
-    clip = model.embedders[0] if hasattr(model, "embedders") else model
-    if hasattr(clip, "tokenizer"):  # transformers' CLIPTokenizer (SD1, SDXL)
-        return common.prompt_tokens(clip, text)
-    from modules.sd_hijack_open_clip import tokenizer  # SD2's OpenCLIP
-
-    return common.prompt_tokens(clip, text, lambda ids: [tokenizer.decoder.get(t, "") for t in ids])
+    return common.a1111_prompt_tokens(shared.sd_model.cond_stage_model, text)
 
 
 # ----------------------------------------------------------------------------- hooks

@@ -103,3 +103,14 @@ def prompt_tokens(engine, text: str, pieces=None) -> list[str | None]:
     strings = pieces(ids) if pieces is not None else engine.tokenizer.convert_ids_to_tokens(ids)
     special = {engine.id_start, engine.id_end, engine.id_pad}
     return [None if t in special else piece for t, piece in zip(ids, strings, strict=True)]
+
+
+def a1111_prompt_tokens(cond_stage_model, text: str) -> list[str | None]:
+    """``prompt_tokens`` for A1111's text encoder wrappers (A1111, reForge, Forge Classic): SD1's
+    CLIP, SDXL's CLIP-L (the first embedder), SD2's OpenCLIP (A1111's own BPE decoder)."""
+    clip = cond_stage_model.embedders[0] if hasattr(cond_stage_model, "embedders") else cond_stage_model
+    if hasattr(clip, "tokenizer"):  # transformers' CLIPTokenizer (SD1, SDXL)
+        return prompt_tokens(clip, text)
+    from modules.sd_hijack_open_clip import tokenizer  # SD2's OpenCLIP
+
+    return prompt_tokens(clip, text, lambda ids: [tokenizer.decoder.get(t, "") for t in ids])

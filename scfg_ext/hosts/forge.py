@@ -71,9 +71,18 @@ def _backend_unet_class():
     return IntegratedUNet2DConditionModel
 
 
-# Forge 2 (backend/): Forge main, Neo. ldm_patched hosts swap these functions.
+def _backend_to_x0(model):
+    """The host's conversion of a raw UNet output to x0 (ε, v, EDM, flow alike)."""
+    return model.predictor.calculate_denoised
+
+
+# Forge 2 (backend/): Forge main, Neo. The ldm_patched adapter (reForge, Forge Classic) swaps these.
+# pre_cfg_before_unet: sampler_pre_cfg_function(model, cond, uncond, x, timestep, model_options) runs
+# just before the UNet batch (old Forge/ComfyUI form); where it is the newer fn(args) run after the
+# UNet (reForge), the step starts in the conditioning modifier instead.
 BACKEND = SimpleNamespace(attention=_backend_attention, cond_equal_size=_backend_cond_equal_size,
-                          upcast=_backend_upcast, unet_class=_backend_unet_class)
+                          upcast=_backend_upcast, unet_class=_backend_unet_class, to_x0=_backend_to_x0,
+                          pre_cfg_before_unet=True, name="forge")
 
 
 def unsupported_reason(p) -> str | None:
@@ -246,7 +255,8 @@ class _Run:
                 self.patches.add(patch)
                 self.hooks.append(f"{name} {'.'.join(map(str, key))}")
         unet.add_conditioning_modifier(_hook(self.arm, self))
-        unet.add_sampler_pre_cfg_function(_hook(self.begin, self))
+        if BACKEND.pre_cfg_before_unet:
+            unet.add_sampler_pre_cfg_function(_hook(self.begin, self))
         prev = _unwrap(options.get("sampler_cfg_function"))
         if prev is not None:
             self.chained = _hook(lambda args: self.combine_chained(args, prev), self, prev)
@@ -257,7 +267,8 @@ class _Run:
             options["sampler_post_cfg_function"] = [_hook(self.combine_post, self),
                                                     *options.get("sampler_post_cfg_function", [])]
             self.hooks.append("sampler_post_cfg_function")
-        self.hooks += ["conditioning_modifier", "sampler_pre_cfg_function"]
+        self.hooks += ["conditioning_modifier"] + (["sampler_pre_cfg_function"] if BACKEND.pre_cfg_before_unet
+                                                   else [])
         dm = unet.model.diffusion_model
         self._outputs_hook = dm.register_forward_hook(self._on_unet_output, with_kwargs=True)
         self.hooks.append("diffusion_model output (AND prompts)")
@@ -313,6 +324,8 @@ class _Run:
             self.report.fallback("a step's own sampling call was not recognised (another extension "
                                  "replaced the latent before CFG)", warn=True)
         self.armed = (cond_scale, x) if self.active else None
+        if self.active and not BACKEND.pre_cfg_before_unet:  # the UNet batch follows directly
+            self.begin(model, cond, uncond, x, timestep, model_options)
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     def _nested(self, x) -> bool:
@@ -479,13 +492,24 @@ class _Run:
         self._record(step, results, gamma, weights)
         return gamma, preds, weights, rates
 
+    def _without_uncond(self, args) -> bool:
+        """A step the host ran without its uncond pass although the modifier saw one (reForge's
+        NGMS and skip-early CFG call sampling_function with uncond None): plain CFG, no warning."""
+        if args.get("uncond", True) is not None and args.get("uncond_denoised", True) is not None:
+            return False
+        step, self.step = self.step, None
+        if step is not None:
+            reason, warn, error = step.skip if step.skip is not None else (common.NO_UNCOND, False, None)
+            self.report.fallback(reason, warn=warn, exc=error)
+        return True
+
     def _sub_prompt_predictions(self, step: _Step, args, cond) -> list[torch.Tensor]:
         """Each AND sub-prompt's x0 prediction; one sub-prompt's is Forge's own cond prediction."""
         if step.conds == 1:
             return [cond]
         if len(step.outputs) != step.conds + 1:
             raise CaptureError(f"kept {len(step.outputs)} of {step.conds + 1} UNet outputs")
-        to_x0 = args["model"].predictor.calculate_denoised
+        to_x0 = BACKEND.to_x0(args["model"])
         sigma, x = args["sigma"], args["input"]
         return [to_x0(sigma, step.outputs[j].float(), x).to(cond.dtype) for j in range(step.conds)]
 
@@ -515,6 +539,8 @@ class _Run:
         if not self.active or self._nested(args["input"]):
             return denoised
         cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+        if self._without_uncond(args):
+            return denoised
         found = self._rates(args, cond, uncond, lambda: _read_scale(denoised, cond, uncond))
         if found is None:
             return denoised
@@ -534,6 +560,8 @@ class _Run:
         if not self.active or self._nested(args["input"]):
             return prev(args)
         x, cond, uncond = args["input"], args["cond_denoised"], args["uncond_denoised"]
+        if self._without_uncond(args):
+            return prev(args)
         found = self._rates(args, cond, uncond, lambda: float(args["cond_scale"]))
         if found is None:
             return prev(args)
