@@ -7,6 +7,7 @@ positional API args; never reorder it, only append.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .segment import PRESETS, REGIONS
@@ -49,6 +50,7 @@ FIELDS: tuple[Field, ...] = (
     Field("show_maps", False, "show maps"),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
+PAIRS = (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end"))  # low <= high
 # Earlier names, still accepted so that old API clients and old images' infotexts keep working.
 OLD_NAMES = {"steps": "refine_power"}
 OLD_INFOTEXT_KEYS = {f"{INFOTEXT_PREFIX} R": "refine_power"}
@@ -116,9 +118,15 @@ def parse_levels(text: str) -> tuple[int, ...] | None:
 
 
 def _coerce(field: Field, value):
-    """One value to the field's type, or ScfgParamError naming the field and its range."""
+    """One value to the field's type, or ScfgParamError naming the field and its range.
+
+    Numbers may come as numbers or numeric strings (infotexts are text); a bool where a number is
+    meant, null, lists, dicts, NaN and infinities are refused.
+    """
     default = field.default
     try:
+        if value is None or isinstance(value, (list, tuple, dict, set)):
+            raise ValueError(value)
         if isinstance(default, bool):
             if isinstance(value, str):
                 lowered = value.strip().lower()
@@ -129,23 +137,36 @@ def _coerce(field: Field, value):
                 raise ValueError(value)
             return bool(value)
         if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
             number = float(value)
-            if number != int(number):
+            if not math.isfinite(number) or number != int(number):
                 raise ValueError(value)
             value = int(number)
         elif isinstance(default, float):
             if isinstance(value, bool):
                 raise ValueError(value)
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(value)
         else:
+            if isinstance(value, bool):
+                raise ValueError(value)
             value = str(value).strip()
-    except (TypeError, ValueError):
-        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        message = f"S-CFG parameter '{field.name}' {_allowed(field)}, got {_shown(value)}"
+        raise ScfgParamError(message) from None
     if field.choices is not None and value not in field.choices:
-        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}")
+        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {_shown(value)}")
     if field.low is not None and not (field.low <= value <= field.high):
-        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {value!r}")
+        raise ScfgParamError(f"S-CFG parameter '{field.name}' {_allowed(field)}, got {_shown(value)}")
     return value
+
+
+def _shown(value) -> str:
+    """A value for an error message, cut short (an API client may send anything)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _allowed(field: Field) -> str:
@@ -171,10 +192,10 @@ def make_params(**values) -> ScfgParams:
     if unknown:
         raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
                              f"known: {', '.join(FIELD_BY_NAME)}")
-    clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items() if v is not None}
+    clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items()}
     params = ScfgParams(**clean, api_previews=api_previews, test_fault=test_fault)
     parse_levels(params.levels)
-    for low, high in (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end")):
+    for low, high in PAIRS:
         if getattr(params, low) > getattr(params, high):
             raise ScfgParamError(f"S-CFG parameter '{low}' ({getattr(params, low)}) must not exceed "
                                  f"'{high}' ({getattr(params, high)})")
@@ -209,6 +230,33 @@ def to_infotext(params: ScfgParams) -> dict[str, str]:
         value = getattr(params, field.name)
         out[infotext_key(field)] = str(value)
     return out
+
+
+def sanitize_infotext(pairs: dict) -> tuple[dict, list[str]]:
+    """An infotext's S-CFG keys with every unreadable value replaced by its default, and one message
+    per replaced key: a garbled key must never break the paste of the rest of the infotext."""
+    clean, problems = dict(pairs), []
+    keys = {infotext_key(f): f for f in FIELDS[1:]}
+    keys.update({key: FIELD_BY_NAME[name] for key, name in OLD_INFOTEXT_KEYS.items()})
+    for key, field in keys.items():
+        if key in clean:
+            try:
+                _coerce(field, clean[key])
+                if field.name == "levels":
+                    parse_levels(clean[key])
+            except ScfgParamError as error:
+                problems.append(f"{error}; pasted as {field.default!r}")
+                clean[key] = str(field.default)
+    for low, high in PAIRS:
+        keys_ = [infotext_key(FIELD_BY_NAME[name]) for name in (low, high)]
+        values = [float(clean.get(key, FIELD_BY_NAME[name].default))
+                  for key, name in zip(keys_, (low, high), strict=True)]
+        if values[0] > values[1]:
+            problems.append(f"S-CFG parameter '{low}' ({values[0]}) exceeds '{high}' ({values[1]}); "
+                            "both pasted as their defaults")
+            for key, name in zip(keys_, (low, high), strict=True):
+                clean[key] = str(FIELD_BY_NAME[name].default)
+    return clean, problems
 
 
 def from_infotext(pairs: dict[str, str]) -> ScfgParams:

@@ -20,7 +20,13 @@ from scfg_ext import (
     to_infotext,
 )
 from scfg_ext.hosts import adapter, detect_host, host_name
-from scfg_ext.params import FIELD_BY_NAME, INFOTEXT_PREFIX, OLD_INFOTEXT_KEYS, infotext_key
+from scfg_ext.params import (
+    FIELD_BY_NAME,
+    INFOTEXT_PREFIX,
+    OLD_INFOTEXT_KEYS,
+    infotext_key,
+    sanitize_infotext,
+)
 from scfg_ext.preview import render, split_and
 from scfg_ext.report import RunReport
 from scfg_ext.webapi import ApiArgsCheck, status_payload
@@ -299,12 +305,17 @@ def _on_ui_settings():
 
 
 def _on_infotext_pasted(infotext, params):
-    """Pasting an S-CFG infotext that lacks some keys (older versions) restores their defaults."""
+    """Pasting an S-CFG infotext that lacks some keys (older versions) restores their defaults, and
+    one whose S-CFG values are garbled restores the defaults of those keys, with a warning."""
     if "S-CFG" not in params:
         return
     for key, name in OLD_INFOTEXT_KEYS.items():  # images made before a parameter was renamed
         if key in params:
             params.setdefault(infotext_key(FIELD_BY_NAME[name]), params[key])
+    clean, problems = sanitize_infotext(params)
+    params.update(clean)
+    for problem in problems:
+        log.warning("S-CFG: pasted infotext: %s", problem)
     for field in FIELDS[1:]:
         params.setdefault(infotext_key(field), str(FIELD_BY_NAME[field.name].default))
 

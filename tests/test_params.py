@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scfg_ext import (
@@ -11,7 +11,7 @@ from scfg_ext import (
     make_params,
     to_infotext,
 )
-from scfg_ext.params import parse_levels
+from scfg_ext.params import infotext_key, parse_levels, sanitize_infotext
 from scfg_ext.webapi import api_args_error
 
 
@@ -131,3 +131,60 @@ def test_old_name_of_refine_power_is_accepted_in_named_args_and_infotext():
         make_params(steps=2, refine_power=3)
     with pytest.raises(ScfgParamError, match=r"'refine_power' must be in \[1, 8\]"):
         make_params(steps=9)
+
+
+HOSTILE = ["nan", "inf", "-inf", "1e400", "4,8; rm -rf /", "<script>", "${jndi:x}", "' OR 1=1 --", "auto",
+           "0.8", "True"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=20)
+    | st.sampled_from(HOSTILE),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from([f.name for f in FIELDS] + ["api_previews", "test_fault"]), value=JSON_VALUES)
+def test_any_json_value_is_taken_or_refused_naming_the_parameter(name, value):
+    """What an API client can send for one parameter: a valid ScfgParams or ScfgParamError naming it."""
+    try:
+        params = make_params(**{name: value})
+    except ScfgParamError as error:
+        assert f"'{name}'" in str(error) and len(str(error)) < 400
+        return
+    field = next((f for f in FIELDS if f.name == name), None)
+    if field is not None and field.low is not None:
+        got = getattr(params, name)
+        assert field.low <= got <= field.high and not isinstance(value, (bool, list, dict, type(None)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(args=st.lists(JSON_VALUES, max_size=20))
+def test_any_positional_args_list_is_taken_or_refused_cleanly(args):
+    try:
+        from_script_args(args)
+    except ScfgParamError as error:
+        assert "S-CFG" in str(error)
+
+
+@pytest.mark.parametrize("value", [None, True, float("nan"), float("inf"), [1], {"a": 1}, 1e400])
+def test_wrong_types_for_numbers_are_refused(value):
+    for name in ("strength", "refine_power", "max_scale"):
+        with pytest.raises(ScfgParamError, match=f"'{name}'"):
+            make_params(**{name: value})
+
+
+@settings(max_examples=200, deadline=None)
+@given(garbage=st.dictionaries(st.sampled_from([infotext_key(f) for f in FIELDS[1:]] + ["S-CFG R"]),
+                               st.text(max_size=12) | st.floats(0, 10).map(str), max_size=6))
+def test_a_garbled_infotext_pastes_with_defaults_for_the_bad_keys(garbage):
+    good = to_infotext(make_params(enabled=True, max_rate=2.5, preset="paper"))
+    clean, problems = sanitize_infotext({**good, **garbage, "Steps": "20"})
+    params = from_infotext(clean)  # never raises once sanitised
+    assert clean["Steps"] == "20" and params.enabled
+    assert len(problems) <= len(garbage) + 3  # one per bad key, one per inconsistent pair
+
+
+def test_sanitize_names_the_key_and_the_default():
+    clean, problems = sanitize_infotext({"S-CFG": "True", "S-CFG max rate": "lots", "S-CFG levels": "3;x"})
+    assert clean["S-CFG max rate"] == "3.0" and clean["S-CFG levels"] == "auto"
+    assert any("'max_rate'" in p and "3.0" in p for p in problems) and len(problems) == 2
