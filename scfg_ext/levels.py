@@ -51,3 +51,11 @@ def level_of_tokens(height: int, width: int, n: int, max_factor: int = 64) -> tu
             return h, w
         factor *= 2
     return None
+
+
+def level_choices(present: set[int] | list[int]) -> list[str]:
+    """The UI's choices for the attention levels of a model with attention at ``present`` factors:
+    "auto", every single level, and every pair ("4,8"), as ``params.parse_levels`` reads them."""
+    present = sorted(set(present))
+    pairs = [f"{a},{b}" for i, a in enumerate(present) for b in present[i + 1:]]
+    return ["auto", *map(str, present), *pairs]

@@ -48,6 +48,7 @@ FIELDS: tuple[Field, ...] = (
     Field("hires_min_rate", 0.8, "hires min rate", 0.0, 5.0),
     Field("hires_max_rate", 3.0, "hires max rate", 0.0, 10.0),
     Field("show_maps", False, "show maps"),
+    Field("overlay", False, "overlay"),  # appended after show_maps: positional args keep their places
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 PAIRS = (("min_rate", "max_rate"), ("hires_min_rate", "hires_max_rate"), ("start", "end"))  # low <= high
@@ -74,6 +75,7 @@ class ScfgParams:
     hires_min_rate: float = 0.8
     hires_max_rate: float = 3.0
     show_maps: bool = False
+    overlay: bool = False  # the token regions drawn over the image itself
     # Named API form only. api_previews: return the previews as extra images in the API response
     # (clients that expect N images get N otherwise). test_fault, for end-to-end tests of the
     # fallback path: "cross_attention" or "result" makes that stage of every step raise.

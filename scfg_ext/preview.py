@@ -11,6 +11,7 @@ import colorsys
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -152,6 +153,40 @@ def render(steps: list[PreviewStep], tokens: list[str | None], title: str = "") 
             x += w
         y += line
     return img
+
+
+def overlay(image: Image.Image, shot: PreviewStep, tokens: list[str | None], alpha: float = 0.4,
+            min_share: float = 0.01) -> Image.Image:
+    """The image with the token regions of ``shot`` drawn over it: a translucent colour and an
+    outline per word, the word written at its region's centre (regions under ``min_share`` of the
+    image stay unnamed). Positions that are no word (START, END, padding) are left uncoloured."""
+    groups, names = word_groups(tokens)
+    colours = palette(len(names))
+    lut = torch.tensor([g if 0 <= g < len(names) else -1 for g in groups] + [-1])
+    word = lut[shot.labels.clamp(max=len(groups)).long()]  # [h, w] word index, -1 = other
+    word = torch.nn.functional.interpolate(word[None, None].float(), size=(image.height, image.width),
+                                           mode="nearest")[0, 0].long()
+    rgb = torch.tensor([*colours, (0, 0, 0)], dtype=torch.float32)[word]  # -1 -> the last row
+    base = torch.from_numpy(np.array(image.convert("RGB"))).float()
+    painted = (word >= 0)[..., None].float() * alpha
+    edge = torch.zeros_like(word, dtype=torch.bool)
+    edge[:, 1:] |= word[:, 1:] != word[:, :-1]
+    edge[1:, :] |= word[1:, :] != word[:-1, :]
+    out = base * (1 - painted) + rgb * painted
+    out[edge] = 255.0
+    picture = Image.fromarray(out.round().clamp(0, 255).byte().numpy(), "RGB")
+    draw, font = ImageDraw.Draw(picture), _font(max(10, min(image.width, image.height) // 24))
+    ys, xs = torch.meshgrid(torch.arange(image.height), torch.arange(image.width), indexing="ij")
+    for g, name in enumerate(names):
+        inside = word == g
+        count = int(inside.sum())
+        if count < min_share * word.numel():
+            continue
+        cx, cy = float(xs[inside].float().mean()), float(ys[inside].float().mean())
+        left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
+        draw.text((cx - (right - left) / 2, cy - (bottom - top) / 2), name, fill=(255, 255, 255), font=font,
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+    return picture
 
 
 def _legend_layout(legend, width, font):

@@ -15,11 +15,13 @@ from scfg_ext import (
     ScfgParamError,
     ScfgParams,
     __version__,
+    explain,
     from_script_args,
     make_params,
     to_infotext,
 )
-from scfg_ext.hosts import adapter, detect_host, host_name
+from scfg_ext.hosts import adapter, common, detect_host, host_name
+from scfg_ext.levels import level_choices
 from scfg_ext.params import (
     FIELD_BY_NAME,
     INFOTEXT_PREFIX,
@@ -27,7 +29,7 @@ from scfg_ext.params import (
     infotext_key,
     sanitize_infotext,
 )
-from scfg_ext.preview import render, split_and
+from scfg_ext.preview import overlay, render, split_and
 from scfg_ext.report import RunReport
 from scfg_ext.webapi import ApiArgsCheck, status_payload
 
@@ -37,39 +39,109 @@ HOST_NAME = host_name(HOST)
 HOOKS = adapter(HOST)
 LAST = {"report": RunReport(host=HOST), "error": None}
 
-TIPS = {
-    "strength": "0 = plain CFG, 1 = the paper's per-region scales, above 1 exaggerates the differences.",
-    "preset": "official: the authors' code ((S+3S²)/4, smoothing). paper: eq. 9, 10 and 14 as printed.",
-    "refine_power": "R, the number of self-attention powers averaged in the paper preset (eq. 10).",
-    "region": "Benchmark region of eq. 13: the foreground (eq. 14) or the whole image (S-CFG-mean).",
-    "min_rate": "Lowest per-region scale, as a multiple of the CFG scale.",
-    "max_rate": "Highest per-region scale, as a multiple of the CFG scale.",
-    "max_scale": "Cap on the effective CFG scale of any pixel (the authors use 15).",
-    "start": "S-CFG acts from this fraction of the sampling steps on.",
-    "end": "S-CFG acts up to this fraction of the sampling steps.",
-    "levels": "auto (two smallest attention resolutions; latent/4 on SDXL) or downsample factors, e.g. 4,8.",
-    "hires": "Hires-fix pass: same values, off, or the hires values below.",
-    "hires_strength": "Strength in the hires-fix pass (when hires is 'own').",
-    "hires_min_rate": "Min rate in the hires-fix pass (when hires is 'own').",
-    "hires_max_rate": "Max rate in the hires-fix pass (when hires is 'own').",
-    "show_maps": "Add a preview of the token regions, foreground and rate map after each image.",
+# Visible labels in plain words; the paper's notation goes in the hover text (javascript/scfg.js).
+LABELS = {
+    "strength": "Strength",
+    "preset": "Preset",
+    "refine_power": "Refinement power R",
+    "region": "Benchmark region",
+    "min_rate": "Min rate",
+    "max_rate": "Max rate",
+    "max_scale": "Max effective CFG",
+    "start": "Start at step",
+    "end": "End at step",
+    "levels": "Attention levels",
+    "hires": "Hires fix pass",
+    "hires_strength": "Hires strength",
+    "hires_min_rate": "Hires min rate",
+    "hires_max_rate": "Hires max rate",
+    "show_maps": "Show maps",
+    "overlay": "Regions over the image",
 }
+# The controls in the open accordion; everything else sits in the nested, closed Advanced one.
+MAIN = ("strength", "min_rate", "max_rate", "start", "end", "show_maps", "overlay")
+# Defaults a user can keep on the Settings page (S-CFG section); applied when the UI is built.
+SETTINGS_DEFAULTS = ("strength", "min_rate", "max_rate", "start", "end")
+USAGE = "#using-s-cfg"
 
 
-def _component(field, tab):
+def _component(field, tab, value=None, **extra):
     """One gradio control for a parameter field (the portable gradio 3/4 subset)."""
     elem_id = f"scfg_{field.name}_{tab}"
-    label, info = field.name.replace("_", " ").capitalize(), TIPS.get(field.name)
+    label = LABELS[field.name]
+    value = field.default if value is None else value
+    if field.name == "levels":
+        return gr.Dropdown(choices=_level_choices(), value=value, label=label, elem_id=elem_id,
+                           allow_custom_value=True, **extra)
     if field.choices is not None:
-        return gr.Radio(choices=list(field.choices), value=field.default, label=label, info=info,
-                        elem_id=elem_id)
+        return gr.Radio(choices=list(field.choices), value=value, label=label, elem_id=elem_id, **extra)
     if isinstance(field.default, bool):
-        return gr.Checkbox(value=field.default, label=label, info=info, elem_id=elem_id)
-    if field.low is not None:
-        step = 1 if isinstance(field.default, int) else 0.05
-        return gr.Slider(minimum=field.low, maximum=field.high, step=step, value=field.default,
-                         label=label, info=info, elem_id=elem_id)
-    return gr.Textbox(value=str(field.default), label=label, info=info, elem_id=elem_id)
+        return gr.Checkbox(value=value, label=label, elem_id=elem_id, **extra)
+    step = 1 if isinstance(field.default, int) else 0.05
+    return gr.Slider(minimum=field.low, maximum=field.high, step=step, value=value, label=label,
+                     elem_id=elem_id, **extra)
+
+
+def _level_choices() -> list[str]:
+    """auto and the levels of the loaded model (SD1.x's when none is loaded yet: never load one)."""
+    try:
+        from modules import sd_models
+
+        unet = common.loaded_unet(getattr(sd_models.model_data, "sd_model", None))
+        present = {s.factor for s in common.transformer_sites(unet)} if unet is not None else set()
+    except Exception:
+        present = set()
+    return level_choices(present or {1, 2, 4, 8})
+
+
+def _setting_default(name: str):
+    from modules import shared
+
+    field = FIELD_BY_NAME[name]
+    try:
+        value = getattr(shared.opts, f"scfg_default_{name}", field.default)
+        return getattr(make_params(**{name: value}), name)
+    except Exception:  # a hand-edited config.json: the built-in default
+        return field.default
+
+
+def _picture_args(values: dict) -> dict:
+    return {name: values.get(name, FIELD_BY_NAME[name].default) for name in explain.INPUTS}
+
+
+def _usage_link() -> str:
+    """The README's usage section: on the repository's web page when installed from one."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        remote = subprocess.run(["git", "-C", str(root), "remote", "get-url", "origin"], capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except Exception:
+        remote = ""
+    if remote.startswith(("https://", "http://")):
+        return remote.removesuffix(".git") + USAGE
+    return f"file={root / 'README.md'}"
+
+
+def _note() -> str:
+    return (f'<p class="scfg-note">Gives each region that the prompt names its own CFG scale, balanced '
+            f'against the rest of the image. <a href="{_usage_link()}" target="_blank">How to use</a> · '
+            f'v{__version__} on {HOST_NAME}; SD1.x, SD2.x and SDXL (not DiT models such as Flux)</p>')
+
+
+def _advanced_pasted(pairs: dict) -> bool:
+    """Whether a pasted infotext sets an advanced control away from its default (then Advanced opens)."""
+    if INFOTEXT_PREFIX not in pairs:
+        return False
+    for field in FIELDS[1:]:
+        key = infotext_key(field)
+        if field.name in MAIN or key not in pairs:
+            continue
+        if str(pairs[key]).strip() != str(field.default):
+            return True
+    return False
 
 
 def _xyz_overrides(p) -> dict:
@@ -97,19 +169,73 @@ class Script(scripts.Script):
         from modules.ui_components import InputAccordion
 
         tab = "img2img" if is_img2img else "txt2img"
-        controls = []
+        by_name = {}
+        keep = {name: _setting_default(name) for name in SETTINGS_DEFAULTS}
+
+        def control(name, **extra):
+            by_name[name] = _component(FIELD_BY_NAME[name], tab, keep.get(name), **extra)
+            if name in keep:  # its default lives on the Settings page, not in ui-config.json
+                by_name[name].do_not_save_to_config = True
+            return by_name[name]
+
         with InputAccordion(False, label="S-CFG", elem_id=f"scfg_{tab}") as enabled:
-            gr.HTML(f'<p class="scfg-note">Semantic-aware CFG (Shen et al., CVPR 2024) '
-                    f'v{__version__} on {HOST_NAME}, for SD1.x, SD2.x and SDXL UNets (not DiT models '
-                    f'such as Flux yet).</p>')
-            by_name = {}
-            for field in FIELDS[1:]:
-                by_name[field.name] = _component(field, tab)
-                controls.append(by_name[field.name])
-        self.infotext_fields = [(enabled, lambda d: "S-CFG" in d)]
+            gr.HTML(_note(), elem_id=f"scfg_note_{tab}")
+            control("strength")
+            with gr.Row():
+                control("min_rate")
+                control("max_rate")
+            with gr.Row():
+                control("start")
+                control("end")
+            picture = gr.HTML(explain.picture(**_picture_args(keep)), elem_id=f"scfg_picture_{tab}")
+            with gr.Row():
+                control("show_maps")
+                control("overlay")
+            with gr.Accordion("Advanced", open=False, elem_id=f"scfg_advanced_{tab}") as advanced:
+                with gr.Row():
+                    control("preset")
+                    control("refine_power")
+                with gr.Row():
+                    control("region")
+                    control("max_scale")
+                with gr.Row():
+                    control("levels")
+                    control("hires", visible=not is_img2img)  # img2img has no hires fix
+                with gr.Row(visible=False, elem_id=f"scfg_hires_row_{tab}") as hires_row:
+                    control("hires_strength")
+                    control("hires_min_rate")
+                    control("hires_max_rate")
+            pasted = gr.Checkbox(False, visible=False, elem_id=f"scfg_advanced_pasted_{tab}")
+        by_name["hires"].change(lambda mode: gr.update(visible=mode == "own"), by_name["hires"], hires_row)
+        pasted.change(lambda flag: (gr.update(open=True) if flag else gr.update(), False), pasted,
+                      [advanced, pasted])
+        by_name["levels"].focus(lambda: gr.update(choices=_level_choices()), None, by_name["levels"])
+        self._picture = (picture, [by_name[n] for n in explain.INPUTS])
+        self._wire_picture()
+        self.infotext_fields = [(enabled, lambda d: "S-CFG" in d), (pasted, _advanced_pasted)]
         self.infotext_fields += [(by_name[f.name], infotext_key(f)) for f in FIELDS[1:]]
         self.paste_field_names = [infotext_key(f) for f in FIELDS]
-        return [enabled, *controls]
+        return [enabled, *(by_name[f.name] for f in FIELDS[1:])]
+
+    def after_component(self, component, **kwargs):
+        """The WebUI's CFG scale and sampling steps, for the live picture."""
+        elem_id = kwargs.get("elem_id") or ""
+        for name in ("cfg_scale", "steps"):
+            if elem_id in (f"txt2img_{name}", f"img2img_{name}"):
+                self.__dict__.setdefault("_webui", {})[name] = component
+        self._wire_picture()
+
+    def _wire_picture(self):
+        """Redraw the picture when any of its inputs moves, once ours and the WebUI's exist."""
+        webui, ours = self.__dict__.get("_webui", {}), self.__dict__.get("_picture")
+        if ours is None or len(webui) < 2 or self.__dict__.get("_wired"):
+            return
+        self._wired = True
+        picture, inputs = ours
+        inputs = [*inputs, webui["cfg_scale"], webui["steps"]]
+        for component in inputs:
+            component.change(lambda *values: explain.picture(*values), inputs, picture,
+                             show_progress=False)
 
     def setup(self, p, *args):
         """Called once for the ``p`` a generation creates, before X/Y/Z copies it: the copies share
@@ -133,7 +259,8 @@ class Script(scripts.Script):
         LAST["error"] = None
         if not params.enabled:
             return
-        report = RunReport(host=HOST, preview_steps=_preview_steps() if params.show_maps else 0)
+        recorded = _preview_steps() if params.show_maps else int(params.overlay)  # the last step at least
+        report = RunReport(host=HOST, preview_steps=recorded)
         p._scfg = (params, report)
         p.extra_generation_params.update(to_infotext(params))
 
@@ -175,7 +302,7 @@ class Script(scripts.Script):
         if getattr(p, "is_api", False) and not params.api_previews:
             return  # API clients that expect N images get N
         try:
-            _add_previews(p, processed, report)
+            _add_previews(p, processed, report, params)
         except Exception as error:  # a preview must never cost the user their images
             log.warning("S-CFG: could not draw the previews: %s", error, exc_info=True)
 
@@ -216,8 +343,9 @@ def _preview_steps() -> int:
     return int(getattr(shared.opts, "scfg_preview_steps", 4))
 
 
-def _add_previews(p, processed, report):
-    """Insert each image's preview right after it, with its own infotext line (lists stay aligned)."""
+def _add_previews(p, processed, report, params):
+    """Insert each image's previews right after it, each with its own infotext line (the lists stay
+    aligned): the regions over the image itself, then the panel of maps."""
     from modules import images, shared
 
     for image in sorted({key[0] for key in report.previews}, reverse=True):
@@ -225,21 +353,29 @@ def _add_previews(p, processed, report):
         if not 0 <= position < len(processed.images):
             continue
         prompt = p.all_prompts[image] if image < len(p.all_prompts) else ""
-        panels = []
+        shown, overlays, panels = processed.images[position], [], []
         for sub, text in enumerate(split_and(prompt)):
             steps = report.previews.get((image, sub))
-            if steps:
+            if not steps:
+                continue
+            tokens = HOOKS.prompt_tokens(p, text)
+            if params.overlay:  # the last recorded step, the one whose x0 the image is
+                overlays.append(overlay(shown, steps[-1], tokens))
+            if params.show_maps:
                 title = f"S-CFG, image {image + 1}, prompt {sub + 1}: {text[:70]}"
-                panels.append(render(steps, HOOKS.prompt_tokens(p, text), title))
-        if not panels:
-            continue
-        preview = _stack(panels)
-        info = f"S-CFG preview of image {image + 1} (regions, foreground, rate map)"
-        processed.images.insert(position + 1, preview)
-        processed.infotexts.insert(position + 1, info)
-        if getattr(shared.opts, "scfg_save_previews", False):
-            images.save_image(preview, p.outpath_samples, "", p.all_seeds[image], prompt,
-                              shared.opts.samples_format, info=info, p=p, suffix="-scfg")
+                panels.append(render(steps, tokens, title))
+        made = []
+        if overlays:
+            made.append((_stack(overlays), f"S-CFG regions over image {image + 1}", "-scfg-regions"))
+        if panels:
+            info = f"S-CFG preview of image {image + 1} (regions, foreground, rate map)"
+            made.append((_stack(panels), info, "-scfg"))
+        for offset, (preview, info, suffix) in enumerate(made, start=1):
+            processed.images.insert(position + offset, preview)
+            processed.infotexts.insert(position + offset, info)
+            if getattr(shared.opts, "scfg_save_previews", False):
+                images.save_image(preview, p.outpath_samples, "", p.all_seeds[image], prompt,
+                                  shared.opts.samples_format, info=info, p=p, suffix=suffix)
 
 
 def _stack(panels):
@@ -297,11 +433,22 @@ def _on_ui_settings():
     from modules import shared
 
     section = ("scfg", "S-CFG")
+    for name in SETTINGS_DEFAULTS:
+        field = FIELD_BY_NAME[name]
+        option = shared.OptionInfo(field.default, f"Default {LABELS[name].lower()}", gr.Slider,
+                                   {"minimum": field.low, "maximum": field.high, "step": 0.05},
+                                   section=section)
+        shared.opts.add_option(f"scfg_default_{name}", _needs_reload(option))
     shared.opts.add_option("scfg_preview_steps", shared.OptionInfo(
         4, "Steps shown in each S-CFG preview", gr.Slider, {"minimum": 1, "maximum": 12, "step": 1},
         section=section))
     shared.opts.add_option("scfg_save_previews", shared.OptionInfo(
         False, "Save S-CFG previews beside the images (file name suffix -scfg)", section=section))
+
+
+def _needs_reload(option):
+    """The defaults apply when the UI is built: say so on the Settings page where the host can."""
+    return option.needs_reload_ui() if hasattr(option, "needs_reload_ui") else option
 
 
 def _on_infotext_pasted(infotext, params):

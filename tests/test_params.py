@@ -39,6 +39,7 @@ valid = st.fixed_dictionaries({
     "hires": st.sampled_from(["same", "off", "own"]),
     "hires_strength": st.floats(0, 3).map(lambda x: round(x, 3)),
     "show_maps": st.booleans(),
+    "overlay": st.booleans(),
 })
 
 
@@ -92,8 +93,8 @@ def test_inconsistent_pairs_and_unknown_names():
         make_params(start=0.8, end=0.2)
     with pytest.raises(ScfgParamError, match=r"unknown S-CFG parameter\(s\) \['strenght'\]"):
         from_script_args([{"strenght": 1}])
-    with pytest.raises(ScfgParamError, match="at most 16 positional args"):
-        from_script_args([True] * 17)
+    with pytest.raises(ScfgParamError, match="at most 17 positional args"):
+        from_script_args([True] * 18)
 
 
 def test_levels_and_hires_and_window():
@@ -188,3 +189,14 @@ def test_sanitize_names_the_key_and_the_default():
     clean, problems = sanitize_infotext({"S-CFG": "True", "S-CFG max rate": "lots", "S-CFG levels": "3;x"})
     assert clean["S-CFG max rate"] == "3.0" and clean["S-CFG levels"] == "auto"
     assert any("'max_rate'" in p and "3.0" in p for p in problems) and len(problems) == 2
+
+
+def test_positional_args_only_ever_grow():
+    """The API's positional args and old infotexts depend on the field order: append, never reorder."""
+    first = ["enabled", "strength", "preset", "refine_power", "region", "min_rate", "max_rate",
+             "max_scale", "start", "end", "levels", "hires", "hires_strength", "hires_min_rate",
+             "hires_max_rate", "show_maps"]
+    assert [f.name for f in FIELDS][:len(first)] == first
+    assert [f.name for f in FIELDS][len(first):] == ["overlay"]
+    old_client = [True, 1.5] + [f.default for f in FIELDS[2:len(first)]]  # a client from before overlay
+    assert from_script_args(old_client) == make_params(enabled=True, strength=1.5)

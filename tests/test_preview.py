@@ -1,8 +1,9 @@
 import hashlib
 
 import torch
+from PIL import Image
 
-from scfg_ext.preview import OTHER, PreviewStep, palette, render, steps_to_record, word_groups
+from scfg_ext.preview import OTHER, PreviewStep, overlay, palette, render, steps_to_record, word_groups
 
 from .synthetic import region_labels
 
@@ -69,3 +70,27 @@ def test_split_and_drops_weights():
     from scfg_ext.preview import split_and
     assert split_and("a cat :1.2 AND a dog:0.5 AND ANDROID") == ["a cat", "a dog", "ANDROID"]
     assert split_and("plain") == ["plain"]
+
+
+def test_overlay_tints_each_word_region_over_the_image_and_names_it():
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    labels[:, 4:] = 6                                   # right half: "horse" (word 4)
+    labels[:4, :4] = 3                                  # top-left quarter: "naut" -> "astronaut" (word 1)
+    image = Image.new("RGB", (64, 64), (100, 100, 100))
+    out = overlay(image, step(20, labels), PROMPT, alpha=0.5)
+    assert out.size == image.size
+    px, colours = out.load(), palette(5)
+    # a pixel far from the edges and from the written word: half image, half the word's colour
+    assert px[60, 60] == tuple(round((100 + c) / 2) for c in colours[4])
+    assert px[3, 45] == (100, 100, 100)                 # START (no word): untouched
+    assert px[32, 60] == (255, 255, 255)                # the outline between regions
+    # the word is written at its region's centre: the centre differs from a plain tint
+    plain = overlay(image, step(20, labels), PROMPT, alpha=0.5, min_share=1.1)
+    assert plain.crop((36, 24, 64, 40)).tobytes() != out.crop((36, 24, 64, 40)).tobytes()
+    assert plain.load()[48, 32] == px[60, 60]
+
+
+def test_overlay_follows_the_image_size_not_the_grid():
+    labels = torch.full((4, 6), 6, dtype=torch.long)
+    out = overlay(Image.new("RGB", (96, 64)), step(1, labels), PROMPT)
+    assert out.size == (96, 64)

@@ -114,3 +114,12 @@ def a1111_prompt_tokens(cond_stage_model, text: str) -> list[str | None]:
     from modules.sd_hijack_open_clip import tokenizer  # SD2's OpenCLIP
 
     return prompt_tokens(clip, text, lambda ids: [tokenizer.decoder.get(t, "") for t in ids])
+
+
+def loaded_unet(model):
+    """The ldm/sgm UNet of a loaded WebUI model (Forge family: behind its UNet patcher; A1111:
+    ``model.model.diffusion_model``), or None (no model, or not a UNet model)."""
+    forge = getattr(model, "forge_objects", None)
+    holder = forge.unet.model if forge is not None else getattr(model, "model", None)
+    unet = getattr(holder, "diffusion_model", None)
+    return unet if hasattr(unet, "input_blocks") else None
