@@ -286,6 +286,19 @@ def test_previews_for_a_batch_with_and():
     assert len(previews) == 2 and len(result.pixels) == len(result.info["infotexts"])
 
 
+def test_regions_over_the_image():
+    """The overlay: each image, then a copy of it at its own size with the word regions drawn over."""
+    named = {"enabled": True, "overlay": True, "api_previews": True}
+    result = generate({"S-CFG": {"args": [named]}}, prompt="a red apple on a wooden table", batch_size=2)
+    infotexts = result.info["infotexts"]
+    assert [t.startswith("S-CFG regions over image") for t in infotexts] == [False, True, False, True]
+    image, tinted = png(result.raw[0]), png(result.raw[1])
+    assert tinted.size == image.size and tinted.tobytes() != image.tobytes()
+    both = generate({"S-CFG": {"args": [{**named, "show_maps": True}]}}, prompt="a red apple")
+    assert [t.split(" of ")[0].split(" over ")[0] for t in both.info["infotexts"][1:]] == \
+        ["S-CFG regions", "S-CFG preview"]
+
+
 # ----------------------------------------------------------------------------- optional assets
 
 def models():

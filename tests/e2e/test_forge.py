@@ -193,6 +193,15 @@ def test_previews_of_the_maps():
     assert "S-CFG preview" in result.info["infotexts"][1]
 
 
+def test_regions_over_the_image():
+    result = generate([{"S-CFG": {"args": [{"enabled": True, "overlay": True, "api_previews": True}]}}],
+                      prompt="a red apple on a wooden table")
+    applied(result, 4)
+    assert len(result.images) == 2 and result.images[1].shape == result.images[0].shape
+    assert result.info["infotexts"][1].startswith("S-CFG regions over image 1")
+    assert np.abs(result.images[1].astype(int) - result.images[0].astype(int)).max() > 0
+
+
 def test_long_prompt_with_break():
     prompt = ("a red apple on a wooden table, " * 12) + "BREAK a cat sitting next to it"  # 3 chunks
     plain, on, one = generate(prompt=prompt), generate([scfg()], prompt=prompt), \
