@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .segment import PRESETS, REGIONS
 
 HIRES_MODES = ("same", "off", "own")
-TEST_FAULTS = ("", "cross_attention", "result")
+TEST_FAULTS = ("", "cross_attention", "result", "oom", "setup", "teardown", "preview")
 INFOTEXT_PREFIX = "S-CFG"  # incantations writes "SCFG ..." keys; ours must never collide
 
 
@@ -78,7 +78,8 @@ class ScfgParams:
     overlay: bool = False  # the token regions drawn over the image itself
     # Named API form only. api_previews: return the previews as extra images in the API response
     # (clients that expect N images get N otherwise). test_fault, for end-to-end tests of the
-    # fallback path: "cross_attention" or "result" makes that stage of every step raise.
+    # fallback path: "cross_attention" or "result" makes that stage of every step raise, "oom" the
+    # capture raise a CUDA out-of-memory error, "setup" / "teardown" / "preview" those stages raise.
     api_previews: bool = False
     test_fault: str = ""
 

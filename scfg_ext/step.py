@@ -68,6 +68,8 @@ class StepCapture:
         """Refine this block's cross-attention with its self-attention (eq. 10) and fuse it."""
         if self.params.test_fault == "cross_attention":
             raise RuntimeError("injected test fault in cross_attention")
+        if self.params.test_fault == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected test fault)")
         stashed = self._self_qk.pop(block, None)
         if stashed is None or stashed[0] != rows:
             raise CaptureError(f"cross-attention of {block} without its self-attention rows")

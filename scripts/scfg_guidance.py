@@ -38,6 +38,7 @@ HOST = detect_host()
 HOST_NAME = host_name(HOST)
 HOOKS = adapter(HOST)
 LAST = {"report": RunReport(host=HOST), "error": None}
+PENDING: list[str] = []  # teardown failures seen before a generation's report exists
 
 # Visible labels in plain words; the paper's notation goes in the hover text (javascript/scfg.js).
 LABELS = {
@@ -244,7 +245,7 @@ class Script(scripts.Script):
 
     def process(self, p, *args):
         _teardown_on_close(p)
-        HOOKS.teardown()  # a previous generation that was never closed (a copy of p)
+        _teardown(p)  # a previous generation that was never closed (a copy of p)
         # X/Y/Z shallow-copies p: each cell gets its own dict, so each keeps its own S-CFG values
         p.extra_generation_params = {k: v for k, v in p.extra_generation_params.items()
                                      if not str(k).startswith(INFOTEXT_PREFIX)}
@@ -255,17 +256,20 @@ class Script(scripts.Script):
             LAST["error"] = str(error)
             log.error("S-CFG is off for this generation: %s", error)
             p.extra_generation_params["S-CFG error"] = str(error)
+            _pending_notes(None)
             return
         LAST["error"] = None
         if not params.enabled:
+            _pending_notes(None)
             return
         recorded = _preview_steps() if params.show_maps else int(params.overlay)  # the last step at least
         report = RunReport(host=HOST, preview_steps=recorded)
         p._scfg = (params, report)
+        _pending_notes(report)
         p.extra_generation_params.update(to_infotext(params))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        HOOKS.teardown()
+        _teardown(p)
         state = getattr(p, "_scfg", None)
         if state is None:
             return
@@ -282,17 +286,17 @@ class Script(scripts.Script):
         try:
             HOOKS.setup(p, params, report)
         except Exception as error:  # never break the user's generation
-            HOOKS.teardown()
+            _teardown(p)
             report.fallback(f"setup failed: {error}", warn=True, exc=error)
 
     def postprocess_batch(self, p, *args, **kwargs):
-        HOOKS.teardown()
+        _teardown(p)
         state = getattr(p, "_scfg", None)
         if state is not None:  # before the batch's infotexts are written; a plain string (JSON-safe)
             _finish(p, state[1])
 
     def postprocess(self, p, processed, *args):
-        HOOKS.teardown()
+        _teardown(p)
         state = getattr(p, "_scfg", None)
         if state is not None:
             _finish(p, state[1])
@@ -304,7 +308,8 @@ class Script(scripts.Script):
         try:
             _add_previews(p, processed, report, params)
         except Exception as error:  # a preview must never cost the user their images
-            log.warning("S-CFG: could not draw the previews: %s", error, exc_info=True)
+            log.debug("S-CFG preview failure", exc_info=True)
+            report.note(f"could not draw the previews: {error}")
 
 
 def _finish(p, report) -> None:
@@ -318,6 +323,29 @@ def _finish(p, report) -> None:
     LAST["report"] = report
 
 
+def _teardown(p) -> None:
+    """Remove S-CFG's hooks; a failure there is one warning per run, never an error in the WebUI.
+    The adapters restore the host's state in ``finally`` blocks, so nothing stays installed."""
+    try:
+        HOOKS.teardown()
+    except Exception as error:
+        text = f"teardown failed: {error}"
+        state = getattr(p, "_scfg", None)
+        if state is not None:
+            state[1].note(text)
+        else:  # before this generation's report exists: it reports it when made, or the log now
+            PENDING.append(text)
+
+
+def _pending_notes(report) -> None:
+    while PENDING:
+        text = PENDING.pop(0)
+        if report is not None:
+            report.note(text)
+        else:
+            log.warning("S-CFG: %s", text)
+
+
 def _teardown_on_close(p):
     """Remove the hooks even when sampling raised: neither WebUI has an on-error callback for
     scripts, but both run every generation inside ``with closing(p)`` (UI and API alike).
@@ -327,7 +355,7 @@ def _teardown_on_close(p):
         return
 
     def close_and_teardown():
-        HOOKS.teardown()
+        _teardown(p)
         state = getattr(p, "_scfg", None)
         if state is not None:
             LAST["report"] = state[1]
@@ -346,6 +374,8 @@ def _preview_steps() -> int:
 def _add_previews(p, processed, report, params):
     """Insert each image's previews right after it, each with its own infotext line (the lists stay
     aligned): the regions over the image itself, then the panel of maps."""
+    if params.test_fault == "preview":
+        raise RuntimeError("injected test fault in preview")
     from modules import images, shared
 
     for image in sorted({key[0] for key in report.previews}, reverse=True):

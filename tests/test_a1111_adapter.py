@@ -395,7 +395,7 @@ FAULTS = {  # a place in the adapter -> what to break there
 }
 
 
-@pytest.mark.parametrize("place", [*FAULTS, "core cross_attention", "core result"])
+@pytest.mark.parametrize("place", [*FAULTS, "core cross_attention", "core result", "core oom"])
 def test_a_fault_anywhere_falls_back_to_plain_cfg_with_one_warning(host, monkeypatch, caplog, place):
     plain, _ = run_steps(host, None)
     if place.startswith("core"):  # the core's named-only test hook, as the e2e suite uses it
@@ -407,6 +407,32 @@ def test_a_fault_anywhere_falls_back_to_plain_cfg_with_one_warning(host, monkeyp
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     assert report.applied == 0 and sum(report.fallbacks.values()) == 4, report.fallbacks
     assert len([r for r in caplog.records if "S-CFG" in r.getMessage()]) == 1
+
+
+def _no_hooks_left(host):
+    return a1111.installed() == [] and all(not m._forward_hooks and not m._forward_pre_hooks
+                                           for m in host.unet.modules())
+
+
+def test_a_setup_that_raises_part_way_leaves_nothing_installed(host):
+    with pytest.raises(RuntimeError, match="injected test fault in setup"):
+        a1111.setup(SimpleNamespace(prompt=""), make_params(enabled=True, test_fault="setup"), RunReport())
+    assert _no_hooks_left(host)
+
+
+def test_a_teardown_that_raises_still_removes_every_hook(host, monkeypatch):
+    a1111.setup(SimpleNamespace(prompt=""), make_params(enabled=True, test_fault="teardown"), RunReport())
+    with pytest.raises(RuntimeError, match="injected test fault in teardown"):
+        a1111.teardown()
+    assert _no_hooks_left(host)
+    a1111.setup(SimpleNamespace(prompt=""), make_params(enabled=True), RunReport())
+    first = a1111._run.handles[0]
+    monkeypatch.setattr(first, "remove", _boom)  # one handle that refuses: the others still go
+    with pytest.raises(RuntimeError, match="boom"):
+        a1111.teardown()
+    monkeypatch.undo()
+    first.remove()
+    assert _no_hooks_left(host)
 
 
 def test_tiled_unet_call_falls_back(host):

@@ -6,6 +6,7 @@ reversed to_run order, memory splits, token tiling to the LCM, AND weights, cfg-
 the pre-cfg / cfg / post-cfg chain, conditioning modifiers, and clone() deep-copying model_options.
 """
 
+import contextlib
 import copy
 import math
 import sys
@@ -575,7 +576,7 @@ def test_chains_an_existing_cfg_function(fake_forge):
     torch.testing.assert_close(same, plain)
 
 
-@pytest.mark.parametrize("fault", ["cross_attention", "result"])
+@pytest.mark.parametrize("fault", ["cross_attention", "result", "oom"])
 def test_a_fault_gives_plain_cfg_and_one_warning(fake_forge, fault, caplog):
     p = make_p()
     cond, uncond = conds(1, (1,)), conds(1, (2,))
@@ -586,6 +587,23 @@ def test_a_fault_gives_plain_cfg_and_one_warning(fake_forge, fault, caplog):
     assert all(torch.equal(o, plain) for o in outs)
     assert report.applied == 0 and sum(report.fallbacks.values()) == 3 and len(report.warned) == 1
     assert sum("injected test fault" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("fault", ["setup", "teardown"])
+def test_setup_or_teardown_that_raises_gives_the_model_its_unet_back(fake_forge, fault):
+    p = make_p()
+    original = p.sd_model.forge_objects.unet
+    params = make_params(enabled=True, test_fault=fault)
+    if fault == "setup":
+        with pytest.raises(RuntimeError, match="injected test fault in setup"):
+            fake_forge.setup(p, params, RunReport())
+        assert fake_forge.installed()  # the switch happened: the script's teardown undoes it
+    else:
+        fake_forge.setup(p, params, RunReport())
+    with pytest.raises(RuntimeError, match=f"injected test fault in {fault}") if fault == "teardown" \
+            else contextlib.nullcontext():
+        fake_forge.teardown()
+    assert p.sd_model.forge_objects.unet is original and fake_forge.installed() == []
 
 
 def test_a_replaced_patch_is_detected(fake_forge):

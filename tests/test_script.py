@@ -81,3 +81,32 @@ def test_warning_is_a_plain_string_and_the_outer_run_is_the_last(script):
     assert outer.extra_generation_params["S-CFG warning"] == "boom (1 steps)"
     assert "S-CFG warning" not in nested.extra_generation_params
     assert script.LAST["report"] is outer._scfg[1]
+
+
+def test_a_teardown_that_raises_is_one_warning_never_an_error(script, monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("injected test fault in teardown")
+
+    monkeypatch.setattr(script, "HOOKS", SimpleNamespace(teardown=broken))
+    p, runner = P(), script.Script()
+    runner.setup(p, True)
+    runner.process(p, True)
+    runner.postprocess_batch(p)
+    runner.postprocess(p, SimpleNamespace(images=[]))
+    p.close()
+    assert p.closed == 1
+    assert p.extra_generation_params["S-CFG warning"] == "teardown failed: injected test fault in teardown"
+    assert sum("teardown failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_preview_that_raises_keeps_the_images_and_warns(script, monkeypatch):
+    monkeypatch.setattr(script, "HOOKS", SimpleNamespace(teardown=lambda: None))
+    p, runner = P(), script.Script()
+    p.is_api = False
+    runner.process(p, {"enabled": True, "overlay": True, "test_fault": "preview"})
+    report = p._scfg[1]
+    report.previews[(0, 0)] = ["a recorded step"]
+    processed = SimpleNamespace(images=["image"], infotexts=["info"], index_of_first_image=0)
+    runner.postprocess(p, processed)
+    assert processed.images == ["image"] and processed.infotexts == ["info"]
+    assert report.notes == ["could not draw the previews: injected test fault in preview"]

@@ -94,19 +94,30 @@ def setup(p, params, report) -> bool:
     from modules import shared
 
     global _run
-    run = Run(p, params, report)
-    if not _hook(run, shared.sd_model.model.diffusion_model):
-        return False
-    _run = run
-    return True
+    run = _run = Run(p, params, report)  # first, so that teardown finds what a raise left behind
+    try:
+        hooked = _hook(run, shared.sd_model.model.diffusion_model)
+        if params.test_fault == "setup":
+            raise RuntimeError("injected test fault in setup")
+    except BaseException:
+        teardown()
+        raise
+    if not hooked:
+        _run = None
+    return hooked
 
 
 def teardown() -> None:
     """Remove every hook and forget the run; safe at any time, also after an interrupted run."""
     global _run
     run, _run = _run, None
-    if run is not None:
+    if run is None:
+        return
+    try:
         _unhook(run)
+        if run.params.test_fault == "teardown":
+            raise RuntimeError("injected test fault in teardown")
+    finally:
         run.call = None
         for target in run.targets:
             target.projected.clear()
@@ -177,10 +188,17 @@ def _add(run: Run, name: str, handle) -> None:
 
 
 def _unhook(run: Run) -> None:
-    for handle in run.handles:
-        handle.remove()
-    run.handles.clear()
+    """Remove every handle, even when one of them raises (then raise its error at the end)."""
+    handles, run.handles = run.handles, []
     run.names.clear()
+    errors = []
+    for handle in handles:
+        try:
+            handle.remove()
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 def _guarded(run: Run, place: str, fn):

@@ -121,6 +121,8 @@ def setup(p, params: ScfgParams, report: RunReport) -> None:
     run.install(unet)
     _current = (model, model.forge_objects.unet, unet, run)
     model.forge_objects.unet = unet
+    if params.test_fault == "setup":
+        raise RuntimeError("injected test fault in setup")
 
 
 def teardown() -> None:
@@ -130,9 +132,13 @@ def teardown() -> None:
         return
     model, original, patched, run = _current
     _current = None
-    run.close()
-    if getattr(model.forge_objects, "unet", None) is patched:
-        model.forge_objects.unet = original
+    try:
+        run.close()
+        if run.params.test_fault == "teardown":
+            raise RuntimeError("injected test fault in teardown")
+    finally:
+        if getattr(model.forge_objects, "unet", None) is patched:
+            model.forge_objects.unet = original
 
 
 def installed() -> list[str]:
