@@ -268,7 +268,8 @@ def test_interrupt_leaves_no_hooks_and_no_state():
 
 
 @pytest.mark.parametrize("stage, reason", [("cross_attention", "error in attn2 (RuntimeError)"),
-                                           ("result", "error in on_cfg_denoised (RuntimeError)")])
+                                           ("result", "error in on_cfg_denoised (RuntimeError)"),
+                                           ("oom", "error in attn2 (OutOfMemoryError)")])
 def test_injected_fault_gives_plain_cfg(stage, reason):
     """The core's named-only test_fault raises inside the attn2 hook / on_cfg_denoised every step."""
     plain = generate(None)
@@ -277,6 +278,23 @@ def test_injected_fault_gives_plain_cfg(stage, reason):
     assert faulty.pixels == plain.pixels
     assert "S-CFG warning" in faulty.infotext
     assert generate(scfg()).applied == 4  # the next run is clean
+
+
+def test_faults_in_setup_teardown_and_preview_finish_the_image():
+    """setup: plain CFG; teardown: the S-CFG image, restored; preview: the images without it. Each
+    with one warning, nothing installed afterwards (generate checks), and the next run clean."""
+    plain, on = generate(None), generate(scfg())
+    runs = {fault: generate({"S-CFG": {"args": [{"enabled": True, "test_fault": fault, "show_maps": True,
+                                                  "api_previews": True}]}})
+            for fault in ("setup", "teardown", "preview")}
+    assert runs["setup"].pixels == plain.pixels[:1] and runs["setup"].applied == 0
+    assert runs["teardown"].pixels[0] == on.pixels[0] and len(runs["teardown"].pixels) == 2
+    assert runs["preview"].pixels == on.pixels
+    for fault, result in runs.items():
+        last = result.report["last_run"]
+        assert f"injected test fault in {fault}" in " ".join(
+            [result.infotext, *last["notes"], *last["steps_fallback"]]), (fault, result.report)
+    assert generate(scfg()).pixels == on.pixels
 
 
 def test_previews_for_a_batch_with_and():

@@ -387,7 +387,7 @@ def test_interrupt_leaves_nothing_installed():
     assert same(generate().image, plain.image)
 
 
-@pytest.mark.parametrize("fault", ["cross_attention", "result"])
+@pytest.mark.parametrize("fault", ["cross_attention", "result", "oom"])
 def test_injected_fault_gives_plain_cfg_and_one_warning(fault):
     plain = generate()
     faulty = generate([{"S-CFG": {"args": [{"enabled": True, "test_fault": fault}]}}])
@@ -397,6 +397,23 @@ def test_injected_fault_gives_plain_cfg_and_one_warning(fault):
     faults = {r: n for r, n in faulty.report["steps_fallback"].items() if r != PLAIN_CFG}
     assert len(faults) == 1 and "injected test fault" in faulty.infotext
     assert status()["hooks_installed"] == []
+
+
+def test_faults_in_setup_teardown_and_preview_finish_the_image():
+    """setup: plain CFG; teardown: the S-CFG image, restored; preview: the images without it. Each
+    with one warning, nothing installed afterwards, and the next run clean."""
+    plain, on = generate(), generate([scfg()])
+    runs = {fault: generate([{"S-CFG": {"args": [{"enabled": True, "test_fault": fault, "show_maps": True,
+                                                   "api_previews": True}]}}])
+            for fault in ("setup", "teardown", "preview")}
+    assert same(runs["setup"].image, plain.image) and runs["setup"].report["steps_applied"] == 0
+    assert same(runs["teardown"].image, on.image) and same(runs["preview"].image, on.image)
+    assert len(runs["preview"].images) == 1 and len(runs["teardown"].images) == 2
+    for fault, result in runs.items():
+        said = " ".join([result.infotext, *result.report["notes"], *result.report["steps_fallback"]])
+        assert f"injected test fault in {fault}" in said, (fault, result.report)
+    assert status()["hooks_installed"] == []
+    assert same(generate([scfg()]).image, on.image)
 
 
 # ----------------------------------------------------------------------------- ControlNet and LoRA
