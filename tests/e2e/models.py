@@ -701,6 +701,9 @@ def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] 
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=metadata or {})
     _sort_metadata(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors 0.8 creates files 0600: a WebUI user might not read them
     os.replace(tmp, path)
 
 

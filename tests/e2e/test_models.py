@@ -7,6 +7,7 @@ a WebUI silently skip weights (they load with strict=False) fails here without a
 import gzip
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -234,6 +235,9 @@ def test_save_writes_metadata_in_sorted_order(tmp_path):
     assert header["__metadata__"] == meta
     assert load_file(str(path))["w"].tolist() == list(range(6))
     assert not (tmp_path / "x.safetensors.tmp").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
 
 
 def test_write_controlnet_and_lora(tmp_path):
