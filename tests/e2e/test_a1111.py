@@ -7,13 +7,15 @@ on 2 CPU cores. Each case compares pixels with S-CFG on, off, and with the rate 
 (min_rate = max_rate = 1: plain CFG bit for bit), and reads GET /scfg/v1/status.
 
 The injected-fault cases use the named-only API arg ``test_fault``. SDXL, LoRA, refiner and
-ControlNet cases run only when the WebUI has such a checkpoint / LoRA / extension.
+ControlNet cases run only when the WebUI has such a checkpoint / LoRA / extension; the SD2 / v-prediction
+cases (test_prediction_types) only for the checkpoints named *-sd2, *-sd2-v, *-sdxl-v, *-sdxl-v-ztsnr.
 """
 
 import base64
 import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -52,7 +54,7 @@ def webui():
 
 
 TOUCHED = ("batch_cond_uncond", "skip_early_cond", "s_min_uncond_all", "lora_functional",
-           "show_progress_type", "sd_model_checkpoint")
+           "show_progress_type", "sd_model_checkpoint", "sd_noise_schedule")
 
 
 @pytest.fixture(autouse=True)
@@ -320,7 +322,8 @@ def test_regions_over_the_image():
 # ----------------------------------------------------------------------------- optional assets
 
 def models():
-    return [m["title"] for m in call("/sdapi/v1/sd-models")[1]]
+    """Checkpoint titles, less the SD2 / v-prediction test models (test_prediction_types picks those)."""
+    return [m["title"] for m in call("/sdapi/v1/sd-models")[1] if not prediction_suffix(m["model_name"])]
 
 
 def test_lora_merged_and_functional():
@@ -442,3 +445,72 @@ def test_hooks_are_removed_when_sampling_raises():
     report = status()
     assert report["last_run"]["steps_applied"] == 4, report
     assert report["hooks_installed"] == [], "the hooks outlived a generation that raised"
+
+
+# ----------------------------------------------------------------------------- SD2.x and v-prediction
+
+# checkpoint name suffix (tests/e2e/models.py --kind sd2|sdxl [--prediction v] [--ztsnr] names) ->
+# (family, prediction, zero terminal SNR)
+PREDICTION_CASES = {"sd2": ("sd2", "eps", False), "sd2-v": ("sd2", "v", False),
+                    "sdxl-v": ("sdxl", "v", False), "sdxl-v-ztsnr": ("sdxl", "v", True)}
+
+
+def prediction_suffix(model_name):
+    """The PREDICTION_CASES key a checkpoint name ends with ("scfg-x-sd2-v" -> "sd2-v"), or None."""
+    longest_first = sorted(PREDICTION_CASES, key=len, reverse=True)
+    return next((k for k in longest_first if model_name.endswith("-" + k)), None)
+
+
+def prediction_checkpoint(suffix):
+    for model in call("/sdapi/v1/sd-models")[1]:
+        if prediction_suffix(model["model_name"]) == suffix:
+            return model
+    kind, prediction, ztsnr = PREDICTION_CASES[suffix]
+    flags = f"--kind {kind} --prediction {prediction}" + (" --ztsnr" if ztsnr else "")
+    pytest.skip(f"no checkpoint named *-{suffix} in the WebUI (python -m tests.e2e.models {flags})")
+
+
+def a1111_parameterization(model):
+    """The parameterization A1111 builds the model with: the yaml beside the checkpoint is the config it
+    loads (sd_models_config.find_checkpoint_config_near_filename, reported by /sdapi/v1/sd-models as
+    ``config``); ldm's LatentDiffusion takes ``parameterization`` ("eps" by default), sgm's SDXL gets "v"
+    from a VScaling denoiser (sd_models_xl.extend_sdxl). Without a yaml A1111 would guess SD2's type by
+    running a full-size UNet (is_using_v_parameterization_for_sd2), which our small UNets do not fit."""
+    config = model.get("config")
+    assert config, f"no yaml beside {model['filename']}: A1111 would guess the config"
+    if not os.path.isfile(config):
+        pytest.skip(f"S-CFG checks passed; the yaml {config} is not readable from here to confirm the type")
+    log = os.environ.get("SCFG_A1111_LOG")  # the WebUI's console log, when the suite can read it
+    if log:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            assert f"Creating model from config: {config}" in fh.read(), f"{log} shows no load from {config}"
+    with open(config, encoding="utf-8") as fh:
+        text = fh.read()
+    v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) or \
+        re.search(r"target:\s*sgm\.modules\.diffusionmodules\.denoiser_scaling\.VScaling\b", text)
+    return "v" if v else "eps"
+
+
+@pytest.mark.parametrize("suffix", list(PREDICTION_CASES))
+def test_prediction_types(suffix):
+    """SD2 eps / SD2 v / SDXL v (+ zero terminal SNR): S-CFG acts on every step, rate 1 is plain CFG bit for
+    bit, no hook left, on the checkpoint asked for, built with the intended parameterization. A1111 reads
+    no ztsnr marker: the ztsnr case sets its Noise schedule option, as a user of such a model must."""
+    family, prediction, ztsnr = PREDICTION_CASES[suffix]
+    model = prediction_checkpoint(suffix)
+    settings = {"sd_model_checkpoint": model["title"]}  # restored after every request
+    if family == "sdxl":
+        settings["show_progress_type"] = "Approx cheap"
+    if ztsnr:
+        settings["sd_noise_schedule"] = "Zero Terminal SNR"
+    _, on = check_case(min_applied=4, override_settings=settings)
+    assert on.applied == 4 and on.report["last_error"] is None, on.report
+    assert f"Model: {model['model_name']}," in on.infotext, on.infotext
+    assert ("Noise Schedule: Zero Terminal SNR" in on.infotext) == ztsnr, on.infotext
+    if family == "sd2":  # the previews label regions with OpenCLIP's tokens (common.a1111_prompt_tokens)
+        named = {"enabled": True, "overlay": True, "show_maps": True, "api_previews": True}
+        shown = generate({"S-CFG": {"args": [named]}}, override_settings=settings)
+        assert [t.split(" of ")[0].split(" over ")[0] for t in shown.info["infotexts"][1:]] == \
+            ["S-CFG regions", "S-CFG preview"], shown.info["infotexts"]
+        assert shown.pixels[0] == on.pixels[0]
+    assert a1111_parameterization(model) == prediction

@@ -8,13 +8,17 @@ Each case compares images pixel by pixel with S-CFG on, off, and with its rate f
 (min_rate = max_rate = 1, which must give plain CFG bit for bit), and reads GET /scfg/v1/status.
 ControlNet and LoRA cases run when models/ControlNet holds ``<checkpoint>-controlnet`` / models/Lora
 ``<checkpoint>-lora`` for the loaded checkpoint (tests/e2e/models.py --kind controlnet|lora
---unet forge-sd15-small); reference_only needs only the built-in ControlNet.
+--unet forge-sd15-small); reference_only needs only the built-in ControlNet. test_prediction_types runs
+on the checkpoints named *-sd2, *-sd2-v, *-sdxl-v, *-sdxl-v-ztsnr (tests/e2e/models.py --kind sd2
+--full-te-vae --unet forge-sd2-small / --kind sdxl --sdxl-full-te-vae --unet forge-sdxl-small, with
+--prediction, --ztsnr).
 """
 
 import base64
 import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -329,7 +333,8 @@ def test_refiner_switch_is_followed():
     def name(title):  # "x.safetensors [hash]" or "x.safetensors" -> "x.safetensors"
         return os.path.basename(title.split(" [")[0])
 
-    others = [m["title"] for m in call("/sdapi/v1/sd-models")[1] if name(m["title"]) != name(current)]
+    others = [m["title"] for m in call("/sdapi/v1/sd-models")[1]
+              if name(m["title"]) != name(current) and not prediction_suffix(m["model_name"])]
     if not current:
         pytest.skip("the WebUI does not report the loaded checkpoint (sd_model_checkpoint is null)")
     if not others:
@@ -508,3 +513,95 @@ def test_hooks_are_removed_when_sampling_raises():
     report = status()
     assert report["last_run"]["steps_applied"] == 4 - early_plain_steps(), report
     assert report["hooks_installed"] == [], "the patches outlived a generation that raised"
+
+
+# ----------------------------------------------------------------------------- SD2.x and v-prediction
+
+# checkpoint name suffix (tests/e2e/models.py --kind sd2|sdxl [--prediction v] [--ztsnr] names) ->
+# (family, prediction, zero terminal SNR)
+PREDICTION_CASES = {"sd2": ("sd2", "eps", False), "sd2-v": ("sd2", "v", False),
+                    "sdxl-v": ("sdxl", "v", False), "sdxl-v-ztsnr": ("sdxl", "v", True)}
+SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+V_MARKER_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def prediction_suffix(model_name):
+    """The PREDICTION_CASES key a checkpoint name ends with ("scfg-x-sd2-v" -> "sd2-v"), or None."""
+    longest_first = sorted(PREDICTION_CASES, key=len, reverse=True)
+    return next((k for k in longest_first if model_name.endswith("-" + k)), None)
+
+
+def prediction_checkpoint(suffix):
+    for model in call("/sdapi/v1/sd-models")[1]:
+        if prediction_suffix(model["model_name"]) == suffix:
+            return model
+    kind, prediction, ztsnr = PREDICTION_CASES[suffix]
+    size = "--full-te-vae --unet forge-sd2-small" if kind == "sd2" else \
+        "--sdxl-full-te-vae --unet forge-sdxl-small"
+    pytest.skip(f"no checkpoint named *-{suffix} in the WebUI (python -m tests.e2e.models --kind {kind} "
+                f"{size} --prediction {prediction}{' --ztsnr' if ztsnr else ''})")
+
+
+def forge_reads(model):
+    """(family, prediction by the yaml, prediction by the weights, ztsnr) as Forge's loader reads the file.
+
+    backend/loader.py forge_loader: a yaml beside the checkpoint with model.params.parameterization "v" or a
+    denoiser scaling_config target ending in ".VScaling" sets v_prediction; otherwise huggingface_guess's
+    estimate (model_list.py): SD20 is v when std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09,
+    SDXL when the state dict has a ``v_pred`` key; ``ztsnr`` in the state dict sets guess.ztsnr. Both must
+    name the intended type: the yaml wins where it says v, and the ldm_patched forks read only the weights.
+    """
+    from safetensors import safe_open
+
+    path = model["filename"]
+    if not os.path.isfile(path):
+        pytest.skip(f"S-CFG checks passed; {path} is not readable from here to confirm the prediction type")
+    config = os.path.splitext(path)[0] + ".yaml"
+    text = open(config, encoding="utf-8").read() if os.path.isfile(config) else ""
+    by_yaml = "v" if (re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.M)
+                      or re.search(r"target:\s*\S+\.VScaling\s*$", text, re.M)) else "eps"
+    with safe_open(path, "pt") as fh:
+        keys = set(fh.keys())
+        family = "sd2" if SD2_TEXT_KEY in keys else "sdxl"
+        if family == "sd2":
+            marker = fh.get_tensor(V_MARKER_KEY).float()
+            v = float(marker.std(unbiased=False)) > 0.09
+        else:
+            v = "v_pred" in keys
+    return family, by_yaml, "v" if v else "eps", "ztsnr" in keys
+
+
+@pytest.mark.parametrize("suffix", list(PREDICTION_CASES))
+def test_prediction_types(suffix):
+    """SD2 eps / SD2 v / SDXL v (+ zero terminal SNR): S-CFG changes the image on every step, rate 1 is plain
+    CFG bit for bit, no hook left, on the checkpoint asked for, whose files name the intended type to every
+    reader; the ztsnr model's infotext shows the schedule Forge applied (processing.py:985)."""
+    family, prediction, ztsnr = PREDICTION_CASES[suffix]
+    model = prediction_checkpoint(suffix)
+    override = {"sd_model_checkpoint": model["title"]}  # restored after each request
+    if family == "sdxl":  # the SDXL "Approx NN" preview model would be downloaded at the first step
+        override["show_progress_type"] = "Approx cheap"
+    before = call("/sdapi/v1/options")[1]["show_progress_type"]
+    try:
+        settings = dict(override_settings=override)
+        plain, on = generate(**settings), generate([scfg()], **settings)
+        one = generate([scfg(**RATE_ONE)], **settings)
+        if family == "sd2":  # the previews label regions with the SD2 tokenizer's pieces
+            named = {"enabled": True, "overlay": True, "show_maps": True, "api_previews": True}
+            shown = generate([{"S-CFG": {"args": [named]}}], **settings)
+            assert len(shown.images) == 3 and same(shown.images[0], on.image), shown.info["infotexts"]
+            assert shown.info["infotexts"][1].startswith("S-CFG regions over image 1")
+            assert shown.info["infotexts"][2].startswith("S-CFG preview of image 1")
+    finally:  # the WebUI does not restore an option that was still at its default
+        if call("/sdapi/v1/options")[1]["show_progress_type"] != before:
+            call("/sdapi/v1/options", {"show_progress_type": before})
+    for result in (plain, on, one):
+        assert f"Model: {model['model_name']}," in result.infotext, result.infotext
+        assert ("Noise Schedule: " in result.infotext) == ztsnr, result.infotext
+    applied(on, 4)
+    applied(one, 4)
+    assert on.report["rate"]["min"] < on.report["rate"]["max"], on.report
+    assert differs(on.image, plain.image), "S-CFG had no effect"
+    assert same(one.image, plain.image), "rate 1 must be plain CFG"
+    assert status()["hooks_installed"] == [] and status()["last_error"] is None
+    assert forge_reads(model) == (family, prediction, prediction, ztsnr)

@@ -7,6 +7,7 @@ a WebUI silently skip weights (they load with strict=False) fails here without a
 import gzip
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -234,6 +235,9 @@ def test_save_writes_metadata_in_sorted_order(tmp_path):
     assert header["__metadata__"] == meta
     assert load_file(str(path))["w"].tolist() == list(range(6))
     assert not (tmp_path / "x.safetensors.tmp").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
 
 
 def test_write_controlnet_and_lora(tmp_path):
@@ -264,3 +268,148 @@ def test_text_encoder_outputs_have_a_non_zero_mean(kind):
     assert all(float(b.mean()) > 0.1 for b in biases)
     assert all(float(w.mean()) == 1.0 for k, w in sd.items()
                if k.endswith(("final_layer_norm.weight", "ln_final.weight")))
+
+
+# ----------------------------------------------------------------------------- SD2.x and v-prediction
+
+def test_sd2_full_size_spec_matches_released_sd21_layout():
+    """v2-1_768-ema-pruned: 865,910,724 UNet parameters, linear proj_in, context 1024, head width 64;
+    the text tower is open_clip's ViT-H-14 less ``visual`` (294 tensors), 24 resblocks of width 1024."""
+    unet = M.unet_spec(M.sd2_unet_config("sd2-base"))
+    assert len(unet) == 686 and sum(math.prod(s) for s in unet.values()) == 865_910_724
+    p = "model.diffusion_model."
+    assert unet[p + "input_blocks.1.1.proj_in.weight"] == (320, 320)  # linear, not a 1x1 conv
+    assert unet[p + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
+    assert unet[p + "input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"] == (320, 1024)
+    assert unet[p + "input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight"] == (1280, 1024)
+    assert unet[p + "middle_block.1.proj_in.weight"] == (1280, 1280)
+    assert unet[p + "output_blocks.11.1.proj_out.weight"] == (320, 320)
+    assert unet[M.V_MARKER_KEY] == (320,)
+    assert p + "output_blocks.2.1.proj_in.weight" not in unet  # no attention at latent/8
+    assert p + "label_emb.0.0.weight" not in unet
+    te = M.sd2_text_spec()
+    t = "cond_stage_model.model."
+    assert all(k.startswith(t) for k in te)
+    assert len(te) == 294 and sum(math.prod(s) for s in te.values()) == 354_032_641
+    assert te[t + "transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)
+    assert te[t + "transformer.resblocks.23.attn.in_proj_bias"] == (3072,)
+    assert te[t + "transformer.resblocks.23.attn.out_proj.weight"] == (1024, 1024)
+    assert te[t + "transformer.resblocks.0.mlp.c_fc.weight"] == (4096, 1024)
+    assert te[t + "transformer.resblocks.0.mlp.c_proj.weight"] == (1024, 4096)
+    assert t + "transformer.resblocks.24.ln_1.weight" not in te
+    assert te[t + "token_embedding.weight"] == (49408, 1024)
+    assert te[t + "positional_embedding"] == (77, 1024)
+    assert te[t + "text_projection"] == (1024, 1024)
+    assert te[t + "ln_final.weight"] == (1024,) and te[t + "logit_scale"] == ()
+
+
+def test_sd2_presets_keep_sd2_block_names_and_forge_shapes():
+    """sd2-small has the released module names at 1/5 width; forge-sd2-small has model_channels 320,
+    context 1024 and linear projections, which Forge's SD20 guess requires."""
+    full = M.unet_spec(M.sd2_unet_config("sd2-base"))
+    small = M.unet_spec(M.sd2_unet_config("sd2-small"))
+    assert set(small) == set(full)
+    p = "model.diffusion_model."
+    assert small[p + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (64, 1024)
+    forge = M.unet_spec(M.sd2_unet_config("forge-sd2-small"))
+    assert set(forge) <= set(full) and M.V_MARKER_KEY in forge
+    assert _input_depths(forge) == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert forge[p + "input_blocks.0.0.weight"] == (320, 4, 3, 3)
+    assert forge[p + "input_blocks.8.1.proj_in.weight"] == (320, 320)
+    assert forge[p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
+    assert M.sd2_configs(full_te_vae=True)[1].ch == 128 and M.sd2_configs()[1].ch == 32
+
+
+def _small_sd2_text(monkeypatch):
+    """A 1-layer, 64-wide text tower instead of ViT-H (0.7 GB) for state-dict tests; its spec is tested
+    above."""
+    monkeypatch.setattr(M, "sd2_text_spec", lambda: M.openclip_text_spec(64, 1, vocab=16, proj_dim=64,
+                                                                          prefix=M.SD2_TE_PREFIX))
+
+
+def _guess_is_v(sd):
+    """huggingface_guess SD20.model_type (Forge) / ComfyUI: std of the marker bias above 0.09."""
+    return float(torch.std(sd[M.V_MARKER_KEY].float(), unbiased=False)) > 0.09
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sd2_state_dict_marks_the_prediction_type(monkeypatch, prediction):
+    _small_sd2_text(monkeypatch)
+    unet, vae = M.sd2_configs()
+    sd = M.sd2_state_dict(unet, vae, prediction, dtype=torch.float32)
+    marker = sd[M.V_MARKER_KEY].float()
+    if prediction == "v":
+        assert 0.15 < float(marker.std(unbiased=False)) < 0.25 and _guess_is_v(sd)
+        assert sd[M.V_PRED_KEY].numel() == 0
+    else:
+        assert float(marker.abs().max()) == 0.0 and not _guess_is_v(sd)
+        assert M.V_PRED_KEY not in sd
+    assert M.ZTSNR_KEY not in sd
+    assert sd["cond_stage_model.model.logit_scale"].item() == pytest.approx(math.log(1 / 0.07))
+    assert sd["alphas_cumprod"].shape == (1000,)
+    other = {k: v for k, v in sd.items() if k not in (M.V_MARKER_KEY, M.V_PRED_KEY)}
+    twin = M.sd2_state_dict(unet, vae, "eps" if prediction == "v" else "v", dtype=torch.float32)
+    assert all(torch.equal(v, twin[k]) for k, v in other.items())  # only the markers differ
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sd2_yaml_says_the_prediction_type(prediction):
+    unet, vae = M.sd2_configs(unet_preset="forge-sd2-small")
+    text = M.sd2_yaml(unet, vae, prediction)
+    assert ('parameterization: "v"' in text) == (prediction == "v")
+    assert "target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder" in text
+    assert 'layer: "penultimate"' in text and "version:" not in text  # open_clip's own ViT-H-14
+    for line in ("num_head_channels: 64", "use_linear_in_transformer: True", "context_dim: 1024",
+                 "model_channels: 320", "channel_mult: [1, 1, 1, 1]", "attention_resolutions: [4, 2, 1]"):
+        assert line in text
+    yaml = pytest.importorskip("yaml")
+    params = yaml.safe_load(text)["model"]["params"]
+    assert params.get("parameterization", "eps") == prediction  # ldm's DDPM default is "eps"
+
+
+@pytest.mark.parametrize("prediction, ztsnr", [("eps", False), ("v", False), ("v", True)])
+def test_sdxl_prediction_keys_and_yaml(monkeypatch, prediction, ztsnr):
+    monkeypatch.setattr(M, "random_tensors", lambda spec, seed=0, std=0.02, dtype=torch.float16:
+                        {k: torch.empty(s, dtype=dtype, device="meta") for k, s in spec.items()})
+    unet, vae, te = M.sdxl_configs()
+    sd = M.sdxl_state_dict(unet, vae, te, prediction=prediction, ztsnr=ztsnr)
+    assert (M.V_PRED_KEY in sd) == (prediction == "v") and (M.ZTSNR_KEY in sd) == ztsnr
+    assert all(sd[k].numel() == 0 for k in (M.V_PRED_KEY, M.ZTSNR_KEY) if k in sd)
+    text = M.sdxl_yaml(unet, vae, "/tok", prediction=prediction)
+    scaling = "VScaling" if prediction == "v" else "EpsScaling"
+    assert f"sgm.modules.diffusionmodules.denoiser_scaling.{scaling}" in text
+    assert ("denoiser_weighting.VWeighting" in text) == (prediction == "v")
+    if prediction == "eps":  # the eps yaml is what it was before v existed
+        assert "prediction" not in text
+
+
+def test_prediction_markers_refuse_ztsnr_without_v():
+    with pytest.raises(ValueError):
+        M.prediction_markers("eps", ztsnr=True)
+    with pytest.raises(ValueError):
+        M.prediction_markers("x0")
+
+
+@pytest.mark.parametrize("argv", [["--kind", "sd15", "--prediction", "v"], ["--kind", "sdxl", "--ztsnr"],
+                                  ["--kind", "sdxl", "--unet", "forge-sd2-small"],
+                                  ["--kind", "sd2", "--unet", "forge-sd15-small"],
+                                  ["--kind", "sd2", "--unet", "sdxl-small"]])
+def test_cli_refuses_mismatched_prediction_and_presets(tmp_path, argv):
+    with pytest.raises(SystemExit):
+        M.main(["--out", str(tmp_path), *argv])
+
+
+def test_write_sd2_v_files(monkeypatch, tmp_path):
+    from safetensors import safe_open
+
+    _small_sd2_text(monkeypatch)
+    assert M.main(["--out", str(tmp_path), "--kind", "sd2", "--prediction", "v", "--dtype", "float32"]) == 0
+    path = tmp_path / "scfg-tiny-sd2-v.safetensors"
+    assert (tmp_path / "scfg-tiny-sd2-v.yaml").read_text().count('parameterization: "v"') == 1
+    assert not (tmp_path / "clip-tokenizer").exists()  # SD2 tokenizes with OpenCLIP's own BPE
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == {"scfg_prediction": "v", "scfg_test_model": "sd2", "scfg_ztsnr": "False"}
+        sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert _guess_is_v(sd) and M.V_PRED_KEY in sd
+    assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape[1] == 64
+    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (64, 64)
