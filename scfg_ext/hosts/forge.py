@@ -136,9 +136,10 @@ def teardown() -> None:
         run.close()
         if run.params.test_fault == "teardown":
             raise RuntimeError("injected test fault in teardown")
-    finally:
-        if getattr(model.forge_objects, "unet", None) is patched:
-            model.forge_objects.unet = original
+    finally:  # a model the host has unloaded meanwhile (Neo's refiner switch) has no forge_objects
+        objects = getattr(model, "forge_objects", None)
+        if getattr(objects, "unet", None) is patched:
+            objects.unet = original
 
 
 def installed() -> list[str]:

@@ -70,6 +70,8 @@ def test_install_from_url_and_restart_shows_the_accordion():
         page.wait_for_function("() => document.querySelector('#extension_install_result').innerText"
                                ".includes('Installed into')")
         tab(page, "Installed")
+        # Apply reads the table's checkboxes and does nothing until they are there (Forge fills it late)
+        page.wait_for_selector("#extensions input[name='enable_sd-webui-scfg']", state="attached")
         apply = page.locator("#extensions_installed_top button").filter(has_text="Apply and")
         if "restart" not in apply.inner_text():
             pytest.skip("the WebUI was started without SD_WEBUI_RESTART and a restart loop: 'Apply and "
