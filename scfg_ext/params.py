@@ -124,7 +124,8 @@ def _coerce(field: Field, value):
     """One value to the field's type, or ScfgParamError naming the field and its range.
 
     Numbers may come as numbers or numeric strings (infotexts are text); a bool where a number is
-    meant, null, lists, dicts, NaN and infinities are refused.
+    meant, null, lists, dicts, NaN and infinities are refused; a switch takes a bool, 0 / 1 or a
+    yes/no word.
     """
     default = field.default
     try:
@@ -136,7 +137,7 @@ def _coerce(field: Field, value):
                 if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                     raise ValueError(value)
                 return lowered in ("true", "1", "yes", "on")
-            if not isinstance(value, (bool, int, float)):
+            if not isinstance(value, (bool, int, float)) or value not in (0, 1):  # NaN, 2, -1: refused
                 raise ValueError(value)
             return bool(value)
         if isinstance(default, int):

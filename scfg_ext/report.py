@@ -21,6 +21,8 @@ log = logging.getLogger("scfg")
 @dataclass
 class RunReport:
     host: str = ""
+    enabled: bool = True  # False: a generation with S-CFG off (the status route shows the last one)
+    seed: int | None = None  # the generation's first seed, to tell runs apart
     applied: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     _stats: object = None  # [min, max, sum of means] of the rate, on the device until read
@@ -107,6 +109,8 @@ class RunReport:
         lo, hi, total = stats if stats is not None else (None, None, None)
         return {
             "host": self.host,
+            "enabled": self.enabled,
+            "seed": self.seed,
             "steps_applied": self.applied,
             "steps_fallback": dict(self.fallbacks),
             "rate": {"min": lo, "mean": None if total is None else total / self._rate_count, "max": hi},

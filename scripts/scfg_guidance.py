@@ -250,20 +250,23 @@ class Script(scripts.Script):
         p.extra_generation_params = {k: v for k, v in p.extra_generation_params.items()
                                      if not str(k).startswith(INFOTEXT_PREFIX)}
         p._scfg = None
+        seed = _first_seed(p)
         try:
             params = _params_for(p, args)
         except ScfgParamError as error:
-            LAST["error"] = str(error)
+            LAST.update(report=RunReport(host=HOST, enabled=False, seed=seed), error=str(error))
             log.error("S-CFG is off for this generation: %s", error)
             p.extra_generation_params["S-CFG error"] = str(error)
             _pending_notes(None)
             return
         LAST["error"] = None
         if not params.enabled:
+            # generations run one at a time (the WebUI's queue): the status route names this one
+            LAST["report"] = RunReport(host=HOST, enabled=False, seed=seed)
             _pending_notes(None)
             return
         recorded = _preview_steps() if params.show_maps else int(params.overlay)  # the last step at least
-        report = RunReport(host=HOST, preview_steps=recorded)
+        report = RunReport(host=HOST, preview_steps=recorded, seed=seed)
         p._scfg = (params, report)
         _pending_notes(report)
         p.extra_generation_params.update(to_infotext(params))
@@ -310,6 +313,14 @@ class Script(scripts.Script):
         except Exception as error:  # a preview must never cost the user their images
             log.debug("S-CFG preview failure", exc_info=True)
             report.note(f"could not draw the previews: {error}")
+
+
+def _first_seed(p) -> int | None:
+    seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", None)]
+    try:
+        return int(seeds[0])
+    except (TypeError, ValueError):
+        return None
 
 
 def _finish(p, report) -> None:

@@ -200,3 +200,17 @@ def test_positional_args_only_ever_grow():
     assert [f.name for f in FIELDS][len(first):] == ["overlay"]
     old_client = [True, 1.5] + [f.default for f in FIELDS[2:len(first)]]  # a client from before overlay
     assert from_script_args(old_client) == make_params(enabled=True, strength=1.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["enabled", "show_maps", "overlay", "api_previews"]), value=JSON_VALUES)
+def test_a_switch_takes_a_bool_0_1_or_a_yes_no_word_only(name, value):
+    words = ("true", "false", "1", "0", "yes", "no", "on", "off")
+    meant = isinstance(value, bool) or (type(value) in (int, float) and value in (0, 1)) \
+        or (isinstance(value, str) and value.strip().lower() in words)
+    try:
+        make_params(**{name: value})
+    except ScfgParamError as error:
+        assert not meant and f"'{name}'" in str(error)
+        return
+    assert meant, f"{name}={value!r} was taken"

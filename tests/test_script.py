@@ -110,3 +110,22 @@ def test_a_preview_that_raises_keeps_the_images_and_warns(script, monkeypatch):
     runner.postprocess(p, processed)
     assert processed.images == ["image"] and processed.infotexts == ["info"]
     assert report.notes == ["could not draw the previews: injected test fault in preview"]
+
+
+def test_the_status_route_names_the_last_generation_on_or_off(script):
+    """Generations run one at a time: the last one reported is the last one run, S-CFG on or off."""
+    runner = script.Script()
+    on, off, bad = P(), P(), P()
+    on.all_seeds, off.all_seeds, bad.all_seeds = [11, 12], [21], [31]
+    runner.process(on, True)
+    runner.postprocess_batch(on)
+    last = script.LAST["report"].as_dict()
+    assert last["enabled"] is True and last["seed"] == 11
+    runner.process(off, False)
+    last = script.LAST["report"].as_dict()
+    assert last["enabled"] is False and last["seed"] == 21 and last["steps_applied"] == 0
+    runner.process(bad, {"enabled": True, "strength": 99})
+    assert script.LAST["report"].as_dict()["seed"] == 31 and "strength" in script.LAST["error"]
+    p = P()  # no seeds at all (a stand-in p): the report still forms
+    runner.process(p, False)
+    assert script.LAST["report"].as_dict()["seed"] is None
