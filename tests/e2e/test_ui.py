@@ -9,6 +9,7 @@ infotext with non-default S-CFG values back and checks the controls follow.
 import json
 import os
 import re
+import time
 import urllib.request
 
 import pytest
@@ -75,3 +76,93 @@ def test_enable_generate_and_paste_back(page, tmp_path):
     assert header.is_checked()
     assert page.locator("#scfg_max_rate_txt2img input[type=number]").first.input_value() == "2.5"
     assert page.locator("#scfg_preset_txt2img input[value=paper]").first.is_checked()
+
+
+def test_a_garbled_paste_restores_defaults_and_keeps_the_rest(page):
+    """A PNG's infotext whose S-CFG values are garbled: those controls get their defaults, the other
+    S-CFG values and the WebUI's own fields (steps, seed) are pasted as usual, nothing breaks."""
+    set_number(page, "scfg_strength_txt2img", 2)
+    pasted = ("a garbled one\nSteps: 7, Sampler: Euler, CFG scale: 7, Seed: 4242, Size: 64x64, S-CFG: True, "
+              "S-CFG strength: banana, S-CFG max rate: 2.5, S-CFG min rate: nan, S-CFG levels: <b>x</b>")
+    page.locator("#txt2img_prompt textarea").fill(pasted)
+    page.locator("#txt2img_tools #paste, #txt2img_tools_group #paste, #paste").first.click()
+    page.wait_for_function("() => document.querySelector('#txt2img_steps input[type=number]').value == '7'")
+    number = "#scfg_{}_txt2img input[type=number]"
+    assert page.locator(number.format("strength")).first.input_value() == "1"
+    assert page.locator(number.format("max_rate")).first.input_value() == "2.5"
+    assert page.locator(number.format("min_rate")).first.input_value() == "0.8"
+    assert page.locator("#txt2img_seed input[type=number]").first.input_value() == "4242"
+    assert page.locator("#txt2img_prompt textarea").input_value() == "a garbled one"
+
+
+def gallery_pixels(page):
+    from io import BytesIO
+
+    from PIL import Image
+
+    src = page.locator("#txt2img_gallery img").first.get_attribute("src")
+    if not src.startswith("http"):
+        src = URL.rstrip("/") + "/" + src.lstrip("/")
+    with urllib.request.urlopen(src, timeout=60) as response:
+        return Image.open(BytesIO(response.read())).convert("RGB").tobytes()
+
+
+def decoded(b64):
+    import base64
+    from io import BytesIO
+
+    from PIL import Image
+
+    return Image.open(BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB").tobytes()
+
+
+def ui_generate(page):
+    """Generate from the UI as it is set up; wait for this run's infotext, return its image's pixels."""
+    page.evaluate("() => { const info = document.querySelector('#html_info_txt2img'); "
+                  "if (info) info.innerHTML = ''; }")
+    page.locator("#txt2img_generate").click()
+    page.locator("#html_info_txt2img").filter(has_text="S-CFG strength").first.wait_for(timeout=900_000)
+    return gallery_pixels(page)
+
+
+def test_a_ui_generation_while_an_api_request_runs(page):
+    """The WebUI queues a UI generation behind a running API request: each result equals the same
+    request run alone, no hook is left, and the status route names the generation that ran last."""
+    import threading
+
+    from tests.e2e.client import api_call
+
+    page.locator("#txt2img_prompt textarea").fill("a red cube on a blue floor")
+    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 4),
+                           ("txt2img_seed", 99), ("scfg_strength_txt2img", 1)):
+        set_number(page, elem_id, value)
+    header = page.locator("#scfg_txt2img .input-accordion-checkbox").first
+    if not header.is_checked():
+        header.click()
+    api_body = {"prompt": "a blue house under a green tree", "seed": 5, "steps": 24, "width": 64,
+                "height": 64, "cfg_scale": 7, "sampler_name": "Euler", "save_images": False,
+                "alwayson_scripts": {"S-CFG": {"args": [{"enabled": True, "max_rate": 2.0}]}}}
+    ui_alone = ui_generate(page)
+    code, api_alone = api_call(URL.rstrip("/"), "/sdapi/v1/txt2img", api_body)
+    assert code == 200, api_alone
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(api=api_call(URL.rstrip("/"), "/sdapi/v1/txt2img",
+                                                                        api_body)))
+    worker.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the API request is sampling: now ask from the UI
+        _, progress = api_call(URL.rstrip("/"), "/sdapi/v1/progress?skip_current_image=true")
+        if progress["state"]["sampling_step"] >= 1:
+            break
+        time.sleep(0.05)
+    assert worker.is_alive(), "the API request finished before the UI asked: no overlap to test"
+    ui_together = ui_generate(page)
+    worker.join(900)
+    code, api_together = result["api"]
+    assert code == 200, api_together
+    assert ui_together == ui_alone, "the UI generation differs from the same one run alone"
+    assert [decoded(b) for b in api_together["images"]] == [decoded(b) for b in api_alone["images"]], \
+        "the API image differs from the same request run alone"
+    _, status = api_call(URL.rstrip("/"), "/scfg/v1/status")
+    assert status["hooks_installed"] == [] and status["last_run"]["seed"] == 99, status
