@@ -89,8 +89,14 @@ def same(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
-def differs(a, b, at_least=0.1):
-    """Mean absolute pixel difference above ``at_least`` (of 255): random-weight models guide weakly."""
+def differs(a, b, at_least=None):
+    """Mean absolute pixel difference above ``at_least`` (of 255): random-weight models guide weakly.
+
+    The default is 0.1, and 0.02 on Forge Classic: it runs the first (the most guided) of the 4 steps
+    at CFG 1 with its default settings, and S-CFG's effect there measured 0.03 to 0.05 in the AND,
+    separate-passes and ControlNet cases (0.2 to 2 on the other hosts)."""
+    if at_least is None:
+        at_least = 0.02 if early_plain_steps() else 0.1
     return a.shape != b.shape or float(np.abs(a - b).mean()) > at_least
 
 
