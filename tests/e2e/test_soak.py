@@ -86,6 +86,16 @@ def scfg_args(rng) -> list:
     return [values]
 
 
+def expected_images(body, args) -> int | tuple[int, int]:
+    """The images a request returns: one per image, plus with api_previews and show_maps one map
+    panel per image and sub-prompt (AND)."""
+    images = body["batch_size"] * body.get("n_iter", 1)
+    named = args[0] if args and isinstance(args[0], dict) else {}
+    if not (named.get("enabled") and named.get("api_previews") and named.get("show_maps")):
+        return images
+    return images + images, images + images * (1 + body["prompt"].count(" AND "))
+
+
 class Soak:
     def __init__(self, url):
         self.url, self.rng = url, random.Random(SEED)
@@ -117,10 +127,12 @@ class Soak:
             self.fail(kind, f"hooks left: {status['hooks_installed']}")
         if images_expected is None:
             return status
+        low, high = images_expected if isinstance(images_expected, tuple) else (images_expected,) * 2
+        got = len(answer.get("images", [])) if isinstance(answer, dict) else 0
         if code != 200:
             self.fail(kind, f"HTTP {code}: {json.dumps(answer)[:300]}")
-        elif len(answer.get("images", [])) != images_expected:
-            self.fail(kind, f"{len(answer.get('images', []))} images, expected {images_expected}")
+        elif not low <= got <= high:
+            self.fail(kind, f"{got} images, expected {low} to {high}")
         return status
 
     def sample_rss(self, label):
@@ -156,9 +168,7 @@ class Soak:
             kind += "+hires"
         body["alwayson_scripts"] = {"S-CFG": {"args": args}}
         code, answer = self.generate("txt2img", body)
-        previews = len(answer.get("images", [])) - body["batch_size"] if code == 200 and on \
-            and args[0].get("api_previews") else 0
-        self.after(kind, code, answer, body["batch_size"] + max(previews, 0))
+        self.after(kind, code, answer, expected_images(body, args))
 
     def img2img(self, inpaint=False):
         rng = self.rng
@@ -169,10 +179,8 @@ class Soak:
         on = rng.random() < 0.75
         body["alwayson_scripts"] = {"S-CFG": {"args": scfg_args(rng) if on else [False]}}
         code, answer = self.generate("img2img", body)
-        extra = len(answer.get("images", [])) - body["batch_size"] if code == 200 else 0
-        expected = body["batch_size"] + (extra if on and body["alwayson_scripts"]["S-CFG"]["args"][0].get(
-            "api_previews") else 0)
-        self.after("inpaint" if inpaint else "img2img", code, answer, expected)
+        self.after("inpaint" if inpaint else "img2img", code, answer,
+                   expected_images(body, body["alwayson_scripts"]["S-CFG"]["args"]))
 
     def img2img_batch(self):
         """50 images on one request: 10 init images, batch 10, 5 iterations on one p."""
