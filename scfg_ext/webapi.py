@@ -24,6 +24,9 @@ def api_args_error(payload: dict) -> str | None:
     for title, entry in scripts.items():
         if str(title).lower() != SCRIPT_TITLE:
             continue
+        if isinstance(entry, dict) and set(entry) - {"args"}:
+            return (f"S-CFG's alwayson_scripts entry takes only 'args' (a list), got keys "
+                    f"{sorted(map(str, entry))[:5]}")
         args = entry.get("args", []) if isinstance(entry, dict) else entry
         if not isinstance(args, (list, tuple)):
             return "S-CFG 'args' must be a list (positional, in UI order) or [ {named args} ]"

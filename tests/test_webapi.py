@@ -84,3 +84,14 @@ def test_a_warning_is_logged_once_per_reason(caplog):
     for _ in range(3):
         report.fallback("shape mismatch", warn=True)
     assert sum("shape mismatch" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("entry, named", [({"strength": 2}, "strength"), ({"args": [True], "x": 1}, "x"),
+                                          ("on", "list"), (None, "list")])
+def test_a_malformed_script_entry_is_refused_not_run_with_defaults(entry, named):
+    from scfg_ext.webapi import api_args_error
+
+    error = api_args_error({"alwayson_scripts": {"s-cfg": entry}})
+    assert error and named in error
+    assert api_args_error({"alwayson_scripts": {"S-CFG": {"args": [True]}}}) is None
+    assert api_args_error({"alwayson_scripts": {"S-CFG": {}}}) is None  # the WebUI's own defaults

@@ -352,7 +352,7 @@ TEXT_FINAL_NORM_BIASES = ("final_layer_norm.bias", "ln_final.bias")
 def random_tensors(spec: Spec, seed: int = 0, std: float = 0.02,
                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Small random weights: N(0, std) for weights, 0 for biases, 1/0 for norms (the text
-    encoders' final norm: a bias of mean 0.25)."""
+    encoders' final norm: a bias of mean 0.25; the VAE's posterior log-variance: -30)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(spec):
@@ -363,6 +363,12 @@ def random_tensors(spec: Spec, seed: int = 0, std: float = 0.02,
             t = 0.25 + 0.5 * torch.randn(shape, generator=g)
         elif _is_norm(key) and len(shape) == 1:
             t = torch.ones(shape) if key.endswith(".weight") else torch.zeros(shape)
+        elif key.split(".")[-2:] == ["quant_conv", "bias"]:
+            # A trained VAE's posterior is nearly a point (log-variance near ldm's clamp of -30):
+            # the WebUIs sample it with the global RNG when encoding for img2img, so a variance
+            # of 1 would make img2img depend on whatever ran before.
+            t = torch.zeros(shape)
+            t[shape[0] // 2:] = -30.0
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:

@@ -413,3 +413,16 @@ def test_write_sd2_v_files(monkeypatch, tmp_path):
     assert _guess_is_v(sd) and M.V_PRED_KEY in sd
     assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape[1] == 64
     assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (64, 64)
+
+
+def test_vae_posterior_is_nearly_a_point_like_a_trained_one():
+    """img2img encodes with posterior.sample() on the global RNG: the written VAE's log-variance must
+    sit at ldm's clamp (-30) so that an encoded image does not depend on what ran before."""
+    unet, vae, te = M.sd15_configs(te_layers=1)
+    sd = M.sd15_state_dict(unet, vae, te)
+    weight = sd["first_stage_model.quant_conv.weight"].float()[..., 0, 0]
+    bias = sd["first_stage_model.quant_conv.bias"].float()
+    moments = torch.randn(64, weight.shape[1]) @ weight.T + bias  # encoder outputs of unit scale
+    mean, logvar = moments.chunk(2, dim=1)
+    assert (logvar.clamp(-30, 20).mul(0.5).exp() < 1e-5).all() and mean.abs().max() < 1
+    assert (sd["first_stage_model.post_quant_conv.bias"] == 0).all()

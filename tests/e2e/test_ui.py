@@ -38,7 +38,18 @@ def page():
         browser.close()
 
 
+def open_accordion(page):
+    """Open S-CFG's accordion by its label: once its checkbox has been clicked, the WebUIs'
+    inputAccordion.js no longer opens the accordion when the box is ticked."""
+    accordion = page.locator("#scfg_txt2img").first
+    if "input-accordion-open" not in (accordion.get_attribute("class") or ""):
+        page.locator("#scfg_txt2img .label-wrap").first.click()
+    page.wait_for_selector("#scfg_strength_txt2img input[type=number]", state="visible")
+
+
 def set_number(page, elem_id, value):
+    if elem_id.startswith("scfg_"):
+        open_accordion(page)
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Enter")
