@@ -759,6 +759,10 @@ SDXL_UNET_PRESETS = {
     # needs model_channels 320; 320 wide everywhere keeps a step cheap on CPU
     "forge-sdxl-small": dict(model_channels=320, channel_mult=(1, 1, 1), num_head_channels=64,
                              transformer_depth=(0, 1, 2), transformer_depth_middle=1),
+    # Forge Classic and Neo know no Segmind-Vega-like SDXL: their guess wants SDXL base's depths
+    # [0,0,2,2,10,10] at 320 channels (checked on Classic 1f95d717; Neo 7862a96 has the same rule)
+    "classic-sdxl-small": dict(model_channels=320, channel_mult=(1, 1, 1), num_head_channels=64,
+                               transformer_depth=(0, 2, 10), transformer_depth_middle=10),
 }
 
 SDXL_UNET_BASE = dict(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), context_dim=2048,
@@ -1104,7 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="UNet preset; sd15/lora/controlnet (default sd15-small; forge-small: "
                          "model_channels 320, 3 levels; forge-sd15-small: SD1.5 block layout, 320 channels "
                          "on every level); sdxl (default sdxl-small; forge-sdxl-small: 320 channels on "
-                         "every level, depths 1/2, for Forge; sdxl-base: the real SDXL base UNet, 5 GB); "
+                         "every level, depths 1/2, for Forge; classic-sdxl-small: SDXL base depths at 320 "
+                         "channels, for Forge Classic and Neo; sdxl-base: the real SDXL base UNet, 5 GB); "
                          "sd2 (default sd2-small; forge-sd2-small: 320 channels on every level, for Forge; "
                          "sd2-base: the real SD2.x UNet)")
     ap.add_argument("--forge", action="store_true",

@@ -173,6 +173,9 @@ def test_forge_sdxl_small_unet_depths_and_widths():
     assert p + "output_blocks.6.1.proj_in.weight" not in spec  # no attention at full latent size
     assert spec[p + "output_blocks.5.2.conv.weight"] == (320, 320, 3, 3)
     assert _input_depths(M.unet_spec(M.sdxl_unet_config("sdxl-base"))) == [0, 0, 2, 2, 10, 10]
+    classic = M.unet_spec(M.sdxl_unet_config("classic-sdxl-small"))
+    assert _input_depths(classic) == [0, 0, 2, 2, 10, 10]
+    assert classic[p + "input_blocks.8.1.proj_in.weight"] == (320, 320)
 
 
 def test_sdxl_full_te_vae_has_released_text_encoder_and_vae_sizes():

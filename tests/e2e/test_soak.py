@@ -194,7 +194,7 @@ class Soak:
     def xyz(self):
         x = axis_index(self.url, "[S-CFG] Max rate")
         y = axis_index(self.url, "[S-CFG] Strength")
-        args = xyz_args(x, "1.5, 3")
+        args = xyz_args(self.url, x, "1.5, 3")
         args[3], args[4] = y, "0.5, 1.5"
         body = {**BASE, "script_name": "x/y/z plot", "script_args": args,
                 "alwayson_scripts": {"S-CFG": {"args": [True]}}}

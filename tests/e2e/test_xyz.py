@@ -40,12 +40,22 @@ def axis_index(url, label):
     return choices.index(label)
 
 
-def xyz_args(x_type, x_values="", x_choices=()):
-    # x, y, z (type, values, dropdown values), legend, lone images, sub grids, no fixed seeds,
-    # vary seeds x/y/z, margin, csv mode (scripts/xyz_grid.py ui() order). Axes with choices take
-    # their values from the dropdown list, the others from the text.
-    return [x_type, x_values, list(x_choices), 0, "", [], 0, "", [], True, True, False, False, False,
-            False, False, 0, False]
+# The X/Y/Z plot's controls after the three axes, by label: what the cases need, the rest at the
+# host's own defaults (reForge has 21 args, A1111 / Forge / Neo 18).
+XYZ_SETTINGS = {"Draw legend": True, "Include Sub Images": True, "Include Sub Grids": False,
+                "Keep -1 for seeds": False, "Vary seeds for X": False, "Vary seeds for Y": False,
+                "Vary seeds for Z": False}
+
+
+def xyz_args(url, x_type, x_values="", x_choices=()):
+    """The txt2img X/Y/Z plot's script_args, built from the host's /sdapi/v1/script-info: axes X
+    (type index, text values, dropdown values), Y and Z unused, lone images on, no sub grids."""
+    code, scripts = api_call(url, "/sdapi/v1/script-info")
+    assert code == 200, scripts
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    args = [XYZ_SETTINGS.get(a["label"], a["value"]) for a in xyz["args"]]
+    args[:9] = [x_type, x_values, list(x_choices), 0, "", [], 0, "", []]
+    return args
 
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])
@@ -58,7 +68,7 @@ def test_xyz_axes_set_scfg_parameters(host):
     code, plain = api_call(url, "/sdapi/v1/txt2img", BASE)
     assert code == 200, plain
     body = {**BASE, "script_name": "x/y/z plot",
-            "script_args": xyz_args(axis_index(url, "[S-CFG] Max rate"), "1, 3"),
+            "script_args": xyz_args(url, axis_index(url, "[S-CFG] Max rate"), "1, 3"),
             "alwayson_scripts": {"S-CFG": {"args": enabled}}}
     code, grid = api_call(url, "/sdapi/v1/txt2img", body)
     assert code == 200, grid
@@ -70,7 +80,7 @@ def test_xyz_axes_set_scfg_parameters(host):
     assert pixels(lone["3.0"]) != pixels(plain["images"][0]), "max rate 3 must let S-CFG act"
 
     for order in (["False", "True"], ["True", "False"]):  # X/Y/Z shares one infotext dict between cells
-        body["script_args"] = xyz_args(axis_index(url, "[S-CFG] Enabled"), x_choices=order)
+        body["script_args"] = xyz_args(url, axis_index(url, "[S-CFG] Enabled"), x_choices=order)
         body["alwayson_scripts"] = {"S-CFG": {"args": [False]}}
         code, toggled = api_call(url, "/sdapi/v1/txt2img", body)
         assert code == 200, toggled
