@@ -252,6 +252,34 @@ def run_request(url, endpoint, seed, args):
     return [pixels(b) for b in answer["images"]]
 
 
+def endpoint_of(seed):
+    return next(endpoint for _, endpoint, s, _ in REQUESTS if s == seed)
+
+
+def image_distance(a, b) -> tuple[int, float]:
+    """(max, mean) absolute difference of two lists of RGB images' bytes (of 255)."""
+    import numpy as np
+
+    if a is None or len(a) != len(b):
+        return (255, 255.0)
+    x = np.frombuffer(b"".join(a), np.uint8).astype(int)
+    y = np.frombuffer(b"".join(b), np.uint8).astype(int)
+    return int(np.abs(x - y).max()), float(np.abs(x - y).mean())
+
+
+def same_result(endpoint, a, b) -> bool:
+    """txt2img: bit for bit. img2img: both WebUIs encode the init image by sampling the VAE posterior
+    with the global torch RNG (left wherever the previous generation left it), so an img2img result
+    depends slightly on what ran before it, concurrency or not: run strictly one after another in
+    another order, plain img2img moved by at most 1 level (mean 0.0005) and S-CFG img2img by at most
+    2 (mean 0.13, its token labels flip at near ties) on A1111 1.10.1. Another request's image would
+    be tens of levels away."""
+    if endpoint == "txt2img":
+        return a == b
+    worst, mean = image_distance(a, b)
+    return worst <= 8 and mean <= 0.5
+
+
 def test_two_api_clients_at_once_get_what_each_gets_alone(host):
     _, url = host
     alone = {seed: run_request(url, endpoint, seed, args) for _, endpoint, seed, args in REQUESTS}
@@ -276,8 +304,9 @@ def test_two_api_clients_at_once_get_what_each_gets_alone(host):
     for thread in threads:
         thread.join(timeout=1800)
     assert not errors, errors
-    mismatched = [seed for seed in alone if together.get(seed) != alone[seed]]
-    assert not mismatched, f"requests {mismatched} differ from the same request run alone"
+    mismatched = {seed: image_distance(together.get(seed), alone[seed]) for seed in alone
+                  if not same_result(endpoint_of(seed), together.get(seed), alone[seed])}
+    assert not mismatched, f"requests differ from the same request run alone: {mismatched}"
     _code, status = api_call(url, "/scfg/v1/status")
     assert status["hooks_installed"] == [], status
     last = finished[-1]
