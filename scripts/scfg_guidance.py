@@ -456,11 +456,24 @@ def _xyz_helpers(xyz):
     """apply_field and boolean_choice: in the script module (A1111, Forge, reForge), or in the
     built-in xyz extension's lib_xyz package (Forge Classic, Neo 2026)."""
     apply_field, boolean_choice = getattr(xyz, "apply_field", None), getattr(xyz, "boolean_choice", None)
-    if apply_field is None:
-        from lib_xyz.axis_application import apply_field
-    if boolean_choice is None:
-        from lib_xyz.utils import boolean_choice
+    try:
+        if apply_field is None:
+            from lib_xyz.axis_application import apply_field
+        if boolean_choice is None:
+            from lib_xyz.utils import boolean_choice
+    except ImportError:  # a host that moves them again: A1111's two small helpers, as Neo's own built-ins do
+        apply_field, boolean_choice = apply_field or _apply_field, boolean_choice or _boolean_choice
     return apply_field, boolean_choice
+
+
+def _apply_field(field):
+    def apply(p, x, xs):
+        setattr(p, field, x)
+    return apply
+
+
+def _boolean_choice(reverse: bool = False):
+    return lambda: ["False", "True"] if reverse else ["True", "False"]
 
 
 def _on_app_started(demo, app):

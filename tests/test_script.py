@@ -129,3 +129,12 @@ def test_the_status_route_names_the_last_generation_on_or_off(script):
     p = P()  # no seeds at all (a stand-in p): the report still forms
     runner.process(p, False)
     assert script.LAST["report"].as_dict()["seed"] is None
+
+
+def test_xyz_helpers_fall_back_when_the_host_moves_them(script, monkeypatch):
+    """Neither the X/Y/Z module nor lib_xyz has them: our own (A1111's) helpers, never an ImportError."""
+    monkeypatch.setitem(sys.modules, "lib_xyz", None)  # import lib_xyz.* raises ImportError
+    apply_field, boolean_choice = script._xyz_helpers(types.ModuleType("xyz_grid"))
+    p = SimpleNamespace()
+    apply_field("scfg_max_rate")(p, 2.5, [2.5])
+    assert p.scfg_max_rate == 2.5 and boolean_choice(reverse=True)() == ["False", "True"]
