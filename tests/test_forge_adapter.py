@@ -799,3 +799,34 @@ def test_a_post_cfg_function_before_ours_is_detected(fake_forge):
     options["sampler_post_cfg_function"].insert(0, lambda a: a["denoised"].clamp(-0.5, 0.5))
     step(p, latent(1), cond, uncond)
     assert report.applied == 0 and any("not Forge's plain CFG" in w for w in report.warned)
+
+
+def test_a_clone_that_drops_other_patches_gets_them_back():
+    """A patcher whose clone() starts empty (one 2026 Neo unet.py): earlier extensions' model_options
+    and LoRA patches are copied back, so S-CFG never removes them for the pass."""
+    from scfg_ext.hosts import forge as adapter
+    from scfg_ext.report import RunReport
+
+    class Patcher:
+        def __init__(self, options=None, patches=None):
+            self.model_options = options if options is not None else {}
+            self.patches = patches if patches is not None else {}
+
+        def clone(self):
+            return Patcher()
+
+    def cfg(args):  # functions are shared by deepcopy, as by ComfyUI's clone
+        return args
+
+    original = Patcher({"sampler_cfg_function": cfg, "transformer_options": {"patches": {"x": [1]}}},
+                       {"lora.weight": [("lora", 1.0)]})
+    report = RunReport()
+    clone = adapter._clone(original, report)
+    assert clone.model_options["sampler_cfg_function"] is cfg and clone.patches == original.patches
+    assert clone.model_options is not original.model_options  # the clone's own, as clone() makes it
+    assert report.notes == ["the host's UNet clone dropped model_options, patches: copied back"]
+    faithful = Patcher({"a": 1})
+    faithful.clone = lambda: Patcher({"a": 1})
+    report = RunReport()
+    adapter._clone(faithful, report)
+    assert report.notes == []

@@ -111,7 +111,7 @@ def setup(p, params: ScfgParams, report: RunReport) -> None:
     teardown()
     _ensure_callback()
     model = p.sd_model
-    unet = model.forge_objects.unet.clone()
+    unet = _clone(model.forge_objects.unet, report)
     sites, factors, present = common.selected_sites(unet.model.diffusion_model, params.level_factors())
     if not sites:
         report.note(f"S-CFG levels '{params.levels}' do not exist in this model "
@@ -123,6 +123,27 @@ def setup(p, params: ScfgParams, report: RunReport) -> None:
     model.forge_objects.unet = unet
     if params.test_fault == "setup":
         raise RuntimeError("injected test fault in setup")
+
+
+# What a clone must carry over: other extensions' patches (PAG, Dynamic Thresholding, RescaleCFG...)
+# and weight patches (LoRA). One stored 2026 Neo patcher/unet.py rebuilds the patcher in clone()
+# without copying them.
+_CARRIED = ("model_options", "patches", "object_patches", "patches_uuid")
+
+
+def _clone(unet, report: RunReport):
+    """``unet.clone()``, with what the host's clone dropped (see _CARRIED) copied back, and a note."""
+    import copy
+
+    clone = unet.clone()
+    dropped = [name for name in _CARRIED
+               if getattr(unet, name, None) and not getattr(clone, name, None)]
+    for name in dropped:
+        value = getattr(unet, name)
+        setattr(clone, name, copy.deepcopy(value) if name == "model_options" else copy.copy(value))
+    if dropped:
+        report.note(f"the host's UNet clone dropped {', '.join(dropped)}: copied back")
+    return clone
 
 
 def teardown() -> None:
