@@ -101,6 +101,7 @@ class Soak:
         self.url, self.rng = url, random.Random(SEED)
         self.failures, self.kinds, self.hooks_left, self.mismatches = Counter(), Counter(), 0, 0
         self.references, self.rss, self.done, self.log = {}, {}, 0, []
+        self.host = api_call(url, "/scfg/v1/status")[1]["host"]  # adapter family: a1111, forge, ldm_patched
         port = urllib.parse.urlparse(url).port
         self.pid = pid_for_port(port) if port else None
         models = api_call(url, "/sdapi/v1/sd-models")[1]
@@ -141,6 +142,12 @@ class Soak:
                 self.rss[label] = vmrss_kib(status.read()) / 1024
 
     def generate(self, endpoint, body):
+        body = dict(body)
+        if body.get("enable_hr") and self.host == "forge":
+            body["hr_additional_modules"] = ["Use same choices"]  # Forge 2 answers 500 without it
+        if self.model == self.xl_model:  # the default "Approx NN" live preview would download its SDXL model
+            settings = {**body.get("override_settings", {}), "show_progress_type": "Approx cheap"}
+            body["override_settings"] = settings
         return api_call(self.url, f"/sdapi/v1/{endpoint}", body, timeout=1800)
 
     # -- the kinds of generation
