@@ -24,6 +24,7 @@ The host's module paths are in ``BACKEND``, so that ``ldm_patched`` hosts reuse 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -133,8 +134,6 @@ _CARRIED = ("model_options", "patches", "object_patches", "patches_uuid")
 
 def _clone(unet, report: RunReport):
     """``unet.clone()``, with what the host's clone dropped (see _CARRIED) copied back, and a note."""
-    import copy
-
     clone = unet.clone()
     dropped = [name for name in _CARRIED
                if getattr(unet, name, None) and not getattr(clone, name, None)]
