@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 REFINE_MODES = ("official", "paper")
@@ -56,13 +57,18 @@ def power_weights(mode: str, steps: int = 4) -> list[float]:
 
 def refine_with(apply_self: Callable[[torch.Tensor], torch.Tensor], cross_attn: torch.Tensor,
                 weights: list[float]) -> torch.Tensor:
-    """Σ_r w_r · S^r · C computed as repeated products Y_r = S · Y_{r-1}, never S·S (eq. 10)."""
-    y = apply_self(cross_attn)
-    refined = y * weights[0]
-    for w in weights[1:]:
-        y = apply_self(y)
-        refined.add_(y, alpha=w)
-    return refined
+    """Σ_r w_r · S^r · C (eq. 10) by Horner's rule: S·(w_1·C + S·(w_2·C + … S·(w_R·C))).
+
+    Only products S·Y are taken, never S·S. With the tail sums a_r = Σ_{j≥r} w_j each bracket is
+    a_r · U_r, U_R = C and U_r = lerp(C, S·U_{r+1}, a_{r+1}/a_r): one product and one lerp per
+    power, and C' = a_1 · S·U_1 (a_1 = 1 for both modes' weights).
+    """
+    tails = [sum(weights[r:]) for r in range(len(weights))]
+    u = cross_attn
+    for r in range(len(weights) - 2, -1, -1):
+        u = torch.lerp(cross_attn, apply_self(u), tails[r + 1] / tails[r])
+    refined = apply_self(u)
+    return refined if tails[0] == 1.0 else refined.mul_(tails[0])
 
 
 def refine(self_attn: torch.Tensor, cross_attn: torch.Tensor, steps: int = 4,
@@ -145,7 +151,7 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float |
     return out
 
 
-def _logits_dtype(q: torch.Tensor, upcast: bool = False) -> torch.dtype:
+def logits_dtype(q: torch.Tensor, upcast: bool = False) -> torch.dtype:
     """fp16/bf16 stay so on a GPU: the N×N logits are the cost there (memory traffic), and the
     UNet's attention itself works at that precision, unless the host upcasts its attention to
     fp32 (SD2.x overflows in fp16). The CPU path is fp32."""
@@ -156,7 +162,7 @@ def _logits_dtype(q: torch.Tensor, upcast: bool = False) -> torch.dtype:
 def _scaled_queries_and_keys(q, k, heads, scale, upcast=False):
     """[rows·heads, N, d] queries with the softmax scale folded in (cheaper than scaling N×T
     logits) and [rows·heads, d, T] keys, in the logits' dtype, each made contiguous once."""
-    dtype = _logits_dtype(q, upcast)
+    dtype = logits_dtype(q, upcast)
     rows, n, inner = q.shape
     d = inner // heads
     scale = d ** -0.5 if scale is None else scale
@@ -196,6 +202,73 @@ def refine_streamed(q: torch.Tensor, k: torch.Tensor, cross_attn: torch.Tensor, 
     qh, kt = _scaled_queries_and_keys(q, k, heads, scale, upcast)
     apply_self = _streamed_self_product(qh, kt, heads, budget_bytes)
     return refine_with(apply_self, cross_attn.float(), weights).to(cross_attn.dtype)
+
+
+# ---------------------------------------------------------------------------- fused (GPU) path
+#
+# On a GPU the N×N logits are memory traffic, not arithmetic: materialising S for every head,
+# its softmax and its head mean stream ~0.3 GB per SDXL 32x32 block. SDPA's fused kernels never
+# write them. S·Y is the head mean of SDPA(q_h, k_h, v = Y), and the cross-attention
+# probabilities themselves are SDPA with v = I (P·I = P); the efficient-attention kernel takes
+# a value width other than the head width in multiples of 8, so the token axis is padded with
+# zero columns, which stay zero through every product and are dropped by the layer fusion.
+
+FUSED_ALIGN = 8
+
+
+def fused_width(tokens: int) -> int:
+    """The token axis padded to the fused kernel's alignment."""
+    return -(-tokens // FUSED_ALIGN) * FUSED_ALIGN
+
+
+def split_heads_view(x: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, T, heads*d] -> [rows, heads, T, d] as a view (SDPA takes strided inputs)."""
+    rows, t, inner = x.shape
+    return x.to(dtype).view(rows, t, heads, inner // heads).transpose(1, 2)
+
+
+def fused_device(device: torch.device) -> bool:
+    """Devices whose SDPA may have a fused kernel for S-CFG's shapes (checked per shape after)."""
+    return device.type == "cuda"
+
+
+def fused_attention_ok(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor) -> bool:
+    """Whether SDPA runs these [rows, heads, T, ·] inputs in one fused kernel on their device
+    (CUDA's efficient attention); elsewhere it would materialise the maps, so the caller keeps
+    its own blocks. Asked once per shape and generation (``segment.Geometry.fused``)."""
+    cuda = torch.backends.cuda
+    try:
+        try:
+            params = cuda.SDPAParams(q4, k4, v4, None, 0.0, False, False)
+        except TypeError:  # torch < 2.5: no enable_gqa
+            params = cuda.SDPAParams(q4, k4, v4, None, 0.0, False)
+        return bool(cuda.can_use_efficient_attention(params, False))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def fused_head_mean(q4: torch.Tensor, k4: torch.Tensor, values: torch.Tensor,
+                    scale: float | None) -> torch.Tensor:
+    """mean_h softmax(q_h · k_hᵀ · scale) · V with V [rows, T, E] shared by all heads -> [rows, N, E]."""
+    v4 = values[:, None].expand(-1, q4.shape[1], -1, -1)
+    return F.scaled_dot_product_attention(q4, k4, v4, scale=scale).mean(1)
+
+
+def fused_cross_probs(q4: torch.Tensor, k4: torch.Tensor, identity: torch.Tensor,
+                      scale: float | None) -> torch.Tensor:
+    """Head-averaged cross-attention probabilities C [rows, N, fused_width(T)], zero past T.
+
+    identity: [rows, heads, T, fused_width(T)], the padded identity as values, kept per generation.
+    """
+    return F.scaled_dot_product_attention(q4, k4, identity, scale=scale).mean(1)
+
+
+def fused_refine(q4: torch.Tensor, k4: torch.Tensor, cross_attn: torch.Tensor, scale: float | None,
+                 steps: int = 4, mode: str = "official") -> torch.Tensor:
+    """Eq. 10 with every S·Y a fused SDPA: no N×N map exists, whatever N (q4/k4 by
+    ``split_heads_view``; cross_attn [rows, N, E] in their dtype). Returns [rows, N, E]."""
+    weights = power_weights(mode, steps)
+    return refine_with(lambda y: fused_head_mean(q4, k4, y, scale), cross_attn, weights)
 
 
 def peak_bytes(rows: int, n: int, heads: int, context: int,

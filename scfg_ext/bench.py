@@ -14,8 +14,9 @@ the real projection sizes: what a host adapter pays when it cannot reuse the att
 (the A1111 adapter reuses them unless another extension changed the attention's inputs; Forge's
 patches receive them). ``--profile`` prints torch.profiler's top operators of one S-CFG step (core
 + q/k recompute) of the first config and batch instead of the table. ``--count-ops`` prints the
-aten operators S-CFG issues per observed block and per step, and its host syncs per step, on the
-code path a GPU takes (counted on any device with a dispatch mode; see ``count_ops``).
+aten operators S-CFG issues per observed block and per step, and its host syncs per step, on the two
+code paths a GPU takes (fused SDPA kernels, or materialised maps where the card has no such kernel
+for the shapes), counted on any device with a dispatch mode; see ``count_ops``.
 """
 
 from __future__ import annotations
@@ -138,15 +139,45 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(config: str, batch: int = 1, device="cpu", dtype=torch.float32) -> dict:
+FUSED_KERNEL = "aten._scaled_dot_product_efficient_attention"
+
+
+def _as_one_kernel(sdpa):
+    """SDPA counted as the one kernel CUDA's efficient attention runs it as: on the CPU a value
+    width other than the head width makes SDPA decompose into its math, which a GPU does not run
+    (the fused path is taken only where ``attention.fused_attention_ok`` says the kernel exists)."""
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    def run(*args, **kwargs):
+        mode = _get_current_dispatch_mode()
+        if isinstance(mode, OpCounter):
+            mode.ops.append(FUSED_KERNEL)
+        with _disable_current_modes():
+            return sdpa(*args, **kwargs)
+    return run
+
+
+PATHS = ("materialised", "fused")
+
+
+def count_ops(config: str, batch: int = 1, device="meta", dtype=torch.float32,
+              path: str = "fused") -> dict:
     """aten ops per observed block and per step, and host syncs per step, of one S-CFG step as an
-    adapter drives it (capture of every block, the rate map, the run report), on the GPU code path
-    (one query chunk of all heads at a time, not the CPU's per-head blocks)."""
+    adapter drives it (capture of every block, the rate map, the run report), on a GPU's code path:
+    ``fused`` (SDPA's efficient-attention kernel for every map, counted as one op per call) or
+    ``materialised`` (a GPU without that kernel for the shapes: one query chunk of all heads at a
+    time, not the CPU's per-head blocks, with a large card's budget for S). On the meta device by
+    default: the same operators without the arithmetic."""
     latent, levels = CONFIGS[config]
     blocks = make_inputs(levels, batch, torch.device(device), dtype, 10**6)
     params = make_params(enabled=True)
-    gpu_path = attention._one_head_at_a_time
+    saved = (attention._one_head_at_a_time, attention.fused_device, attention.fused_attention_ok,
+             F.scaled_dot_product_attention)
     attention._one_head_at_a_time = lambda device: False
+    if path == "fused":
+        attention.fused_device = lambda device: True
+        attention.fused_attention_ok = lambda q4, k4, v4: True
+        F.scaled_dot_product_attention = _as_one_kernel(saved[-1])
     try:
         grid = max((lv.size for lv in levels), key=lambda s: s[0] * s[1])
         rows = tuple(range(2 * batch))
@@ -155,7 +186,8 @@ def count_ops(config: str, batch: int = 1, device="cpu", dtype=torch.float32) ->
         geometry = Geometry()  # an adapter's, built in the pass's first step and kept
         for _ in range(2):  # the second step is the one counted
             with OpCounter() as per_blocks:
-                capture = StepCapture(params, grid, layers=len(blocks), geometry=geometry)
+                capture = StepCapture(params, grid, layers=len(blocks), geometry=geometry,
+                                      budget_bytes=attention.GPU_BUDGET_MAX)
                 for i, (level, q, k, qc, kc, _) in enumerate(blocks):
                     capture.self_attention(i, rows, q, k, level.heads, None)
                     capture.cross_attention(i, rows, qc, kc, level.heads, None, level.size)
@@ -163,9 +195,10 @@ def count_ops(config: str, batch: int = 1, device="cpu", dtype=torch.float32) ->
                 result = capture.result([Pair(i, batch + i, 7.0) for i in range(batch)], c, u)
                 RunReport().step_applied(result.rate)
     finally:
-        attention._one_head_at_a_time = gpu_path
+        (attention._one_head_at_a_time, attention.fused_device, attention.fused_attention_ok,
+         F.scaled_dot_product_attention) = saved
     ops = per_blocks.ops + per_result.ops
-    return {"config": config, "batch": batch, "blocks": len(blocks),
+    return {"config": config, "batch": batch, "path": path, "blocks": len(blocks),
             "ops_per_block": len(per_blocks.ops) / len(blocks), "ops_result": len(per_result.ops),
             "ops_per_step": len(ops), "syncs_per_step": sum(op in SYNC_OPS for op in ops),
             "host_data_per_step": sum(op in HOST_DATA_OPS for op in ops)}
@@ -245,23 +278,30 @@ def main(argv=None):
                     help="print torch.profiler's top operators of one step of the first config/batch")
     ap.add_argument("--count-ops", action="store_true",
                     help="print aten ops per observed block / per step and host syncs per step")
+    ap.add_argument("--fused", action="store_true",
+                    help="time the fused SDPA path even where the device has no fused kernel for it "
+                         "(on the CPU SDPA then runs its math: to compare the paths there)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one config/batch in this process
     args = ap.parse_args(argv)
     if args.count_ops:
-        print("| config | batch | observed blocks | aten ops per block | ops in the rate map | ops per step |"
-              " host syncs per step | tensors from host data per step |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| config | batch | GPU path | observed blocks | aten ops per block | ops in the rate map |"
+              " ops per step | host syncs per step | tensors from host data per step |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for config in args.configs:
             for batch in args.batches:
-                r = count_ops(config, batch)
-                print(f"| {config} | {batch} | {r['blocks']} | {r['ops_per_block']:.1f} | "
-                      f"{r['ops_result']} | {r['ops_per_step']} | {r['syncs_per_step']} | "
-                      f"{r['host_data_per_step']} |")
+                for path in PATHS:
+                    r = count_ops(config, batch, path=path)
+                    print(f"| {config} | {batch} | {path} | {r['blocks']} | {r['ops_per_block']:.1f} | "
+                          f"{r['ops_result']} | {r['ops_per_step']} | {r['syncs_per_step']} | "
+                          f"{r['host_data_per_step']} |")
         return
     device = torch.device(args.device)
     default_dtype = torch.float16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     max_blocks = args.max_blocks or (6 if device.type == "cpu" else 10**6)
+    if args.fused:
+        attention.fused_device = lambda device: True
+        attention.fused_attention_ok = lambda q4, k4, v4: True
     if args.profile:
         print(profile(args.configs[0], args.batches[0], device, dtype, max_blocks))
         return
@@ -269,7 +309,8 @@ def main(argv=None):
         config, batch = args.one.split(":")
         print(json.dumps(measure(config, int(batch), device, dtype, args.repeats, max_blocks)))
         return
-    print(f"S-CFG core benchmark, {device} {str(dtype).split('.')[-1]}, torch {torch.__version__}, "
+    print(f"S-CFG core benchmark{' (fused path forced)' if args.fused else ''}, {device} "
+          f"{str(dtype).split('.')[-1]}, torch {torch.__version__}, "
           f"median of {args.repeats} alternating runs")
     print("| config | batch | blocks timed | attention ms/step | S-CFG ms/step | S-CFG/attention |"
           " q/k recompute ms/step | extra peak MiB | per image |")
@@ -280,6 +321,8 @@ def main(argv=None):
                    "--device", args.device, "--repeats", str(args.repeats), "--max-blocks", str(max_blocks)]
             if args.dtype:
                 cmd += ["--dtype", args.dtype]
+            if args.fused:
+                cmd += ["--fused"]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             print(f"| {config} | {batch} | {r['blocks_measured']}/{r['blocks_total']} | "
                   f"{r['attention_ms']:.1f} | {r['scfg_ms']:.1f} | {r['ratio']:.2f}x | {r['qk_ms']:.1f} | "

@@ -146,26 +146,51 @@ class Geometry:
             self._cache[key] = official_kernel_1d(torch.float32, device)
         return self._cache[key]
 
-    def mean_weights(self, size: tuple[int, int], grid: tuple[int, int], smooth: bool,
-                     device) -> torch.Tensor:
-        """[1, 1, h·w] fp32: upsampling and smoothing are linear, so the grid mean of a layer's map is a
-        fixed weighting of its pixels; found by mapping each pixel's indicator through them."""
-        key = ("mean", tuple(size), tuple(grid), smooth, str(device))
+    def once(self, key, make):
+        """``make()``, computed the first time ``key`` is asked for in this generation."""
         if key not in self._cache:
-            n = size[0] * size[1]
-            weights = torch.empty(n, device=device)
-            for i in range(0, n, 256):
-                m = min(256, n - i)
-                basis = torch.zeros(1, m, n, device=device)
-                basis[0, torch.arange(m), torch.arange(i, i + m)] = 1.0
-                images = rearrange(basis, "b l (h w) -> b l h w", h=size[0])
-                if tuple(size) != tuple(grid):
-                    images = F.interpolate(images, size=tuple(grid), mode="bilinear", align_corners=False)
-                if smooth:
-                    images = smooth3x3(images, self.kernel(device))
-                weights[i:i + m] = images.mean((-2, -1))[0]
-            self._cache[key] = weights[None, None]  # [1, 1, h·w], expanded over rows by the caller
+            self._cache[key] = make()
         return self._cache[key]
+
+    def identity(self, tokens: int, width: int, rows: int, heads: int, dtype, device) -> torch.Tensor:
+        """[rows, heads, tokens, width] identity padded with zero columns (one matrix, expanded)."""
+        key = ("identity", tokens, width, rows, heads, dtype, str(device))
+        if key not in self._cache:
+            eye = torch.eye(tokens, width, dtype=dtype, device=device)
+            self._cache[key] = eye.expand(rows, heads, tokens, width)
+        return self._cache[key]
+
+    def constant(self, value: float, device) -> torch.Tensor:
+        """A 0-dim fp32 tensor of ``value`` on ``device`` (an operand that needs no host copy)."""
+        key = ("constant", value, str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(value, device=device)
+        return self._cache[key]
+
+    def mean_weights(self, size: tuple[int, int], grid: tuple[int, int], smooth: bool,
+                     device, rows: int = 1) -> torch.Tensor:
+        """[rows, 1, h·w] fp32 (one row expanded): upsampling and smoothing are linear, so the grid mean
+        of a layer's map is a fixed weighting of its pixels; found by mapping each pixel's indicator
+        through them."""
+        key = ("mean", tuple(size), tuple(grid), smooth, str(device), rows)
+        if key not in self._cache:
+            self._cache[key] = self._pixel_weights(size, grid, smooth, device).expand(rows, 1, -1)
+        return self._cache[key]
+
+    def _pixel_weights(self, size, grid, smooth, device) -> torch.Tensor:
+        n = size[0] * size[1]
+        weights = torch.empty(n, device=device)
+        for i in range(0, n, 256):
+            m = min(256, n - i)
+            basis = torch.zeros(1, m, n, device=device)
+            basis[0, torch.arange(m), torch.arange(i, i + m)] = 1.0
+            images = rearrange(basis, "b l (h w) -> b l h w", h=size[0])
+            if tuple(size) != tuple(grid):
+                images = F.interpolate(images, size=tuple(grid), mode="bilinear", align_corners=False)
+            if smooth:
+                images = smooth3x3(images, self.kernel(device))
+            weights[i:i + m] = images.mean((-2, -1))[0]
+        return weights[None, None]
 
 
 class LayerFusion:
@@ -191,24 +216,43 @@ class LayerFusion:
         self.blocks: set = set()  # names of the blocks folded in, for callers that track them
 
     def add(self, maps: torch.Tensor, size: tuple[int, int]) -> None:
-        """Fold in one layer's refined maps [B, N, L] of spatial size (h, w)."""
+        """Fold in one layer's refined maps [B, N, L] of spatial size (h, w).
+
+        Maps may carry zero columns past the context's L positions (``attention.fused_pad``): they
+        are dropped here, by the column matrix or a slice, at no extra copy.
+        """
         flat = maps.float()
         if self.start_mask is None:
-            self.start_mask = as_start_mask(self.starts, flat.shape[0], flat.shape[-1], flat.device)
-            if self.preset == "official":  # [I | m_START | 1 − m_START]: tokens, START, rest
-                start = self.start_mask.float()[:, :, None]
-                eye = torch.eye(flat.shape[-1], device=flat.device).expand(flat.shape[0], -1, -1)
-                self._columns = torch.cat([eye, start, 1 - start], -1)
+            self._first_layer(flat)
+        rows, length = self.start_mask.shape
+        total = self._sums.get(tuple(size))
         if self.preset == "official":
             x = torch.bmm(flat, self._columns)
-            weights = self.geometry.mean_weights(size, self.grid, True, flat.device)
-            mean = torch.bmm(weights.expand(x.shape[0], 1, -1), x)  # [B, 1, C]
-            x = x / (mean + EPS)  # eq. 9 per layer, as the authors normalise
+            weights = self.geometry.mean_weights(size, self.grid, True, flat.device, rows)
+            mean = torch.baddbmm(self.geometry.constant(EPS, flat.device), weights, x)  # ε + w·x, [B, 1, C]
+            if total is None:  # eq. 9 per layer, as the authors normalise
+                self._sums[tuple(size)] = x.div_(mean)
+            else:
+                total.addcdiv_(x, mean)
         else:
-            x = flat.clone()  # the sum grows in place: never in the caller's tensor
-        total = self._sums.get(tuple(size))
-        self._sums[tuple(size)] = x if total is None else total.add_(x)
+            x = flat[..., :length]
+            if total is None:  # the sum grows in place: never in the caller's tensor
+                self._sums[tuple(size)] = x.clone()
+            else:
+                total.add_(x)
         self.layers += 1
+
+    def _first_layer(self, flat: torch.Tensor) -> None:
+        """The START mask, and for ``official`` the column matrix [I | m_START | 1 − m_START] (with zero
+        rows for padding columns) that maps tokens to tokens, START and rest in one product."""
+        rows, width = flat.shape[0], flat.shape[-1]
+        length = self.starts.shape[-1] if isinstance(self.starts, torch.Tensor) else width
+        self.start_mask = as_start_mask(self.starts, rows, length, flat.device)
+        if self.preset == "official":
+            start = self.start_mask.float()[:, :, None]
+            eye = torch.eye(length, device=flat.device).expand(rows, -1, -1)
+            columns = torch.cat([eye, start, 1 - start], -1)
+            self._columns = F.pad(columns, (0, 0, 0, width - length))
 
     def result(self) -> FusedMaps:
         if self.layers == 0:

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import head_mean_probs, refine_streamed
+from . import attention
+from .attention import (
+    fused_cross_probs,
+    fused_refine,
+    fused_width,
+    head_mean_probs,
+    logits_dtype,
+    refine_streamed,
+    split_heads_view,
+)
 from .guidance import rate_from_labels
 from .params import ScfgParams
 from .segment import FusedMaps, Geometry, LayerFusion, chunk_starts, foreground, token_labels
@@ -78,9 +87,11 @@ class StepCapture:
         _, q1, k1, heads1, scale1 = stashed
         if self.budget is None:
             self.budget = self.geometry.budget(q.device)
-        cross = head_mean_probs(q, k, heads, scale, self.budget, self.upcast)
-        refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.refine_power,
-                                  self.params.preset, self.budget, self.upcast)
+        refined = self._fused_refined(q, k, heads, scale, q1, k1, heads1, scale1)
+        if refined is None:
+            cross = head_mean_probs(q, k, heads, scale, self.budget, self.upcast)
+            refined = refine_streamed(q1, k1, cross, heads1, scale1, self.params.refine_power,
+                                      self.params.preset, self.budget, self.upcast)
         fusion = self._fusions.get(rows)
         if fusion is None or block in fusion.blocks:
             # A block seen again for the same rows is a later pass over the UNet (ControlNet
@@ -90,6 +101,26 @@ class StepCapture:
             self._fusions[rows] = fusion
         fusion.add(refined, size)
         fusion.blocks.add(block)
+
+    def _fused_refined(self, q, k, heads, scale, q1, k1, heads1, scale1) -> torch.Tensor | None:
+        """Eq. 10 by fused SDPA calls where the device has the kernel for these shapes (a GPU), as
+        [rows, N, fused_width(T)] with zero padding columns; None where it has not."""
+        if not attention.fused_device(q.device):
+            return None
+        dtype = logits_dtype(q, self.upcast)
+        q4, k4 = split_heads_view(q, heads, dtype), split_heads_view(k, heads, dtype)
+        rows, tokens = k.shape[0], k.shape[1]
+        identity = self.geometry.identity(tokens, fused_width(tokens), rows, heads, dtype, q.device)
+        s_q4, s_k4 = split_heads_view(q1, heads1, dtype), split_heads_view(k1, heads1, dtype)
+        def kernel_takes_them():  # C stands in by a view of the right shape
+            values = identity[:, :1, :1].expand(rows, heads1, q1.shape[1], -1)
+            return attention.fused_attention_ok(q4, k4, identity) and \
+                attention.fused_attention_ok(s_q4, s_k4, values)
+        key = (q4.shape, k4.shape, s_q4.shape, dtype, str(q.device))
+        if not self.geometry.once(("fused", *key), kernel_takes_them):
+            return None
+        cross = fused_cross_probs(q4, k4, identity, scale)
+        return fused_refine(s_q4, s_k4, cross, scale1, self.params.refine_power, self.params.preset)
 
     def _gather(self, rows: list[int]) -> FusedMaps:
         """The fused maps of ``rows``, in that order, from the fusions that saw every target layer."""

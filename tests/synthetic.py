@@ -1,6 +1,11 @@
 """Synthetic attention with known semantic regions, shared by the tests."""
 
+from contextlib import contextmanager
+from unittest import mock
+
 import torch
+
+from scfg_ext import attention
 
 
 def region_labels(h, w, layout="quadrants"):
@@ -29,3 +34,11 @@ def block_self_attention(labels):
     flat = labels.flatten()
     same = (flat[:, None] == flat[None, :]).float()
     return (same / same.sum(-1, keepdim=True))[None]
+
+
+@contextmanager
+def fused_path():
+    """Take the fused SDPA path a GPU takes, on any device (on the CPU SDPA runs it as its math)."""
+    with mock.patch.object(attention, "fused_device", lambda device: True), \
+            mock.patch.object(attention, "fused_attention_ok", lambda q4, k4, v4: True):
+        yield

@@ -158,3 +158,42 @@ def test_level_of_tokens_non_square(h, w):
         size = (math.ceil(h / f), math.ceil(w / f))
         assert level_of_tokens(h, w, size[0] * size[1]) == size
     assert level_of_tokens(h, w, 7) is None
+
+
+# ------------------------------------------------------------------- the fused (GPU) path
+
+
+@given(rows=st.integers(1, 3), n=st.integers(1, 30), t=st.integers(1, 20), heads=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 999))
+def test_fused_cross_probs_are_the_head_mean_padded_with_zeros(rows, n, t, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, n, heads * 8, generator=g), torch.randn(rows, t, heads * 8, generator=g)
+    width = attention.fused_width(t)
+    assert width % attention.FUSED_ALIGN == 0 and t <= width < t + attention.FUSED_ALIGN
+    identity = torch.eye(t, width).expand(rows, heads, t, width)
+    q4, k4 = (attention.split_heads_view(x, heads, torch.float32) for x in (q, k))
+    probs_padded = attention.fused_cross_probs(q4, k4, identity, 0.3)
+    torch.testing.assert_close(probs_padded[..., :t], reference_head_mean(q, k, heads, 0.3))
+    assert torch.equal(probs_padded[..., t:], torch.zeros(rows, n, width - t))
+
+
+@given(rows=st.integers(1, 3), n=st.integers(2, 36), heads=st.sampled_from([1, 3]), L=st.integers(1, 9),
+       pad=st.integers(0, 7), mode=st.sampled_from(["official", "paper"]), R=st.integers(1, 5),
+       seed=st.integers(0, 999))
+def test_fused_refine_equals_dense(rows, n, heads, L, pad, mode, R, seed):
+    """S·Y as the head mean of SDPA(q_h, k_h, Y) gives eq. 10's refinement; zero columns stay zero."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
+    c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
+    dense = refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
+    q4, k4 = (attention.split_heads_view(x, heads, torch.float32) for x in (q, k))
+    fused = attention.fused_refine(q4, k4, torch.nn.functional.pad(c, (0, pad)), 0.5, R, mode)
+    torch.testing.assert_close(fused[..., :L], dense)
+    assert torch.equal(fused[..., L:], torch.zeros(rows, n, pad))
+
+
+def test_the_cpu_has_no_fused_kernel_for_these_shapes():
+    """Off a GPU the fused path is never taken (SDPA would run its math, materialising the maps)."""
+    q4 = torch.randn(1, 2, 16, 8)
+    assert not attention.fused_device(q4.device)
+    assert not attention.fused_attention_ok(q4, q4, torch.randn(1, 2, 16, 24))

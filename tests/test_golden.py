@@ -4,8 +4,9 @@ tests/golden/official_sd15.json holds, for a few seeded SD1.5-shaped steps at 51
 authors' ``get_mask`` and their pipeline's guidance block produced: the token labels on the 16x16
 grid, the foreground mask, the rate map (statistics, row and column means, single pixels) and the
 guided ε. Only numbers came from their code (it has no licence); the inputs are regenerated here
-from the seeds and go through our core twice: through ``StepCapture`` from raw q/k, as a host
-adapter drives it, and through the function-level API.
+from the seeds and go through our core three ways: through ``StepCapture`` from raw q/k, as a host
+adapter drives it, through the function-level API, and through ``StepCapture`` on the fused SDPA
+path a GPU takes.
 
 Inputs are reproducible bit for bit on any x86 CPU: ``torch.rand`` from a CPU ``torch.Generator``,
 combined with +, -, *, / only (see ``_Draw``). Layout: SD1.5 at 512 px in diffusers row order (uncond
@@ -31,6 +32,8 @@ from scfg_ext import (
     refine_streamed,
     semantic_masks,
 )
+
+from .synthetic import fused_path
 
 GOLDEN = Path(__file__).parent / "golden" / "official_sd15.json"
 
@@ -200,7 +203,13 @@ def ours_functions(inputs: dict, batch: int, gamma: float, preset: str = "offici
 
 DOC = json.loads(GOLDEN.read_text())
 CASES = DOC["cases"]
-PATHS = {"capture": ours_capture, "functions": ours_functions}
+def ours_fused(inputs: dict, batch: int, gamma: float, preset: str = "official") -> dict:
+    """``ours_capture`` on the fused SDPA path a GPU takes (forced here; SDPA's math on the CPU)."""
+    with fused_path():
+        return ours_capture(inputs, batch, gamma, preset)
+
+
+PATHS = {"capture": ours_capture, "functions": ours_functions, "fused": ours_fused}
 _INPUTS: dict = {}
 _RESULTS: dict = {}
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from scfg_ext.attention import _logits_dtype, head_mean_probs
+from scfg_ext.attention import head_mean_probs, logits_dtype
 from scfg_ext.segment import LayerFusion, as_start_mask, chunk_starts, start_vs_rest
 
 
@@ -63,9 +63,9 @@ def test_a_padded_row_gets_a_different_foreground_than_a_wrong_start():
 
 def test_upcast_keeps_logits_fp32_for_half_queries():
     q = torch.randn(1, 4, 8).half()
-    assert _logits_dtype(q) == torch.float32  # CPU: always fp32
+    assert logits_dtype(q) == torch.float32  # CPU: always fp32
     meta = q.to("meta")
-    assert _logits_dtype(meta) == torch.float16  # a non-CPU device keeps the UNet's precision
-    assert _logits_dtype(meta, upcast=True) == torch.float32
+    assert logits_dtype(meta) == torch.float16  # a non-CPU device keeps the UNet's precision
+    assert logits_dtype(meta, upcast=True) == torch.float32
     out = head_mean_probs(q, q, 2, upcast=True)
     assert out.dtype == torch.float32

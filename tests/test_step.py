@@ -1,10 +1,12 @@
+import contextlib
+
 import pytest
 import torch
 
 from scfg_ext import CaptureError, Pair, StepCapture, make_params, rate_map, refine_streamed, semantic_masks
 from scfg_ext.attention import head_mean_probs
 
-from .synthetic import region_labels
+from .synthetic import fused_path, region_labels
 
 HEADS, D = 2, 8
 LAYERS = [("in7", (8, 8)), ("mid", (4, 4))]
@@ -128,3 +130,28 @@ def test_a_second_pass_over_the_blocks_replaces_the_first():
     c, u = predictions(1)
     pairs = [Pair(0, 1, 7.0)]
     torch.testing.assert_close(twice.result(pairs, c, u).rate, once.result(pairs, c, u).rate)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_the_fused_path_gives_the_same_step(preset, monkeypatch):
+    """The GPU's fused SDPA path (forced) equals the materialised one, and takes SDPA for every map:
+    one call for C and one per power of S."""
+    params = make_params(enabled=True, preset=preset, refine_power=3)
+    rows_layouts = [("quadrants", [1, 2, 3, 4]), ("halves", [5, 6]), ("halves", [0, 7]), ("halves", [7, 0])]
+    inputs = layer_inputs(rows_layouts, 80)
+    c, u = predictions(2)
+    results, calls = [], []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for fused in (False, True):
+        capture = StepCapture(params, grid=(8, 8), layers=2)
+        with fused_path() if fused else contextlib.nullcontext():
+            capture_rows(capture, (0, 1, 2, 3), inputs)
+            results.append(capture.result([Pair(0, 2, 7.0), Pair(1, 3, 7.0)], c, u))
+        assert len(calls) == (len(LAYERS) * (1 + (2 if preset == "official" else 3)) if fused else 0)
+        calls.clear()
+    materialised, fused = results
+    torch.testing.assert_close(fused.rate, materialised.rate)
+    assert torch.equal(fused.labels, materialised.labels)
+    assert torch.equal(fused.foreground, materialised.foreground)
