@@ -1,9 +1,11 @@
 """End-to-end soak: hundreds of generations in a seeded random mix against a running WebUI.
 
-Opt-in: set SCFG_SOAK to the number of generations (e.g. 200) and SCFG_A1111_URL and/or
-SCFG_FORGE_URL; skipped with the reason otherwise. SCFG_SOAK_SEED picks the mix (default 1).
+Opt-in: set SCFG_SOAK to the number of generations (250 where the WebUI has an SDXL checkpoint:
+see PHASE) and SCFG_A1111_URL and/or SCFG_FORGE_URL; skipped with the reason otherwise.
+SCFG_SOAK_SEED picks the mix (default 1). It runs on the SD1.x checkpoint (*sd15), switching to it
+first if another is loaded.
 
-    SCFG_SOAK=200 SCFG_A1111_URL=http://127.0.0.1:7861 python -m pytest -q -s tests/e2e/test_soak.py
+    SCFG_SOAK=250 SCFG_A1111_URL=http://127.0.0.1:7861 python -m pytest -q -s tests/e2e/test_soak.py
 
 The mix: S-CFG on/off, presets and other parameters, batch 1-4, AND, long prompts with BREAK, hires
 fix, img2img and inpaint, one img2img request of 50 images (10 init images, batch 10 x 5 iterations
@@ -39,7 +41,13 @@ HOSTS = {"a1111": os.environ.get("SCFG_A1111_URL", "").rstrip("/"),
 GENERATIONS = int(os.environ.get("SCFG_SOAK", "0") or 0)
 SEED = int(os.environ.get("SCFG_SOAK_SEED", "1"))
 RSS_GROWTH_LIMIT_MIB = 50.0  # per 100 generations after warm-up
-WARMUP = 60  # generations (the first checkpoint switch and back fall inside)
+# RSS is compared in like states. With an SDXL checkpoint the soak switches every PHASE generations,
+# so "warm" is the end of the SD1.x phase after the first SD1.x -> SDXL -> SD1.x round trip
+# (generation 150) and "end" the end of the last SD1.x phase: with SCFG_SOAK=250 both lie 50
+# generations after a switch back. Without one, "warm" is after WARMUP generations.
+PHASE = 50
+WARM_PHASE_END = 3 * PHASE
+WARMUP = 60
 
 BASE = dict(prompt="a red apple on a wooden table, a cat", negative_prompt="blurry", seed=1234, steps=4,
             width=64, height=64, cfg_scale=7.0, sampler_name="Euler", batch_size=1, n_iter=1,
@@ -96,6 +104,21 @@ def expected_images(body, args) -> int | tuple[int, int]:
     return images + images, images + images * (1 + body["prompt"].count(" AND "))
 
 
+def base_checkpoint(models: list[dict], loaded: str | None) -> str:
+    """The SD1.x checkpoint the soak runs on and samples RSS on: the loaded one if it is a plain
+    SD1.x model (another suite may have left SDXL, SD2 or a v-prediction model loaded), else the
+    first *sd15 model."""
+    def plain_sd1(model):
+        return model["model_name"].endswith("sd15")
+    titles = {m["title"]: m for m in models}
+    if loaded in titles and plain_sd1(titles[loaded]):
+        return loaded
+    candidates = sorted(m["title"] for m in models if plain_sd1(m))
+    if not candidates:
+        pytest.skip(f"no SD1.x checkpoint (*sd15) among {sorted(titles)}")
+    return candidates[0]
+
+
 class Soak:
     def __init__(self, url):
         self.url, self.rng = url, random.Random(SEED)
@@ -105,14 +128,12 @@ class Soak:
         port = urllib.parse.urlparse(url).port
         self.pid = pid_for_port(port) if port else None
         models = api_call(url, "/sdapi/v1/sd-models")[1]
-        self.base_model = api_call(url, "/sdapi/v1/options")[1].get("sd_model_checkpoint")
-        known = {m["title"] for m in models}
-        if self.base_model not in known:  # Neo forgets it when the UI opens
-            self.base_model = next(m["title"] for m in models if "sdxl" not in m["model_name"])
+        loaded = api_call(url, "/sdapi/v1/options")[1].get("sd_model_checkpoint")
+        self.base_model = base_checkpoint(models, loaded)
         xl = [m["title"] for m in models
               if m["model_name"].endswith("-sdxl") or m["model_name"] == "scfg-sdxl"]
         self.xl_model = xl[0] if xl else None
-        self.model = self.base_model
+        self.model = loaded
 
     # -- bookkeeping
     def fail(self, kind, detail):
@@ -237,10 +258,10 @@ class Soak:
         code, answer = self.generate("txt2img", body)
         self.after(f"fault {fault}", code, answer, 1)
 
-    def switch(self):
-        if self.xl_model is None:
+    def switch(self, target=None):
+        if target is None and self.xl_model is None:
             return
-        target = self.xl_model if self.model == self.base_model else self.base_model
+        target = target or (self.xl_model if self.model == self.base_model else self.base_model)
         code, answer = api_call(self.url, "/sdapi/v1/options", {"sd_model_checkpoint": target}, timeout=1800)
         if code != 200:
             self.fail("switch", f"HTTP {code}: {answer}")
@@ -266,22 +287,25 @@ class Soak:
 
     def run(self, generations):
         """One action per generation, chosen by its index (so the mix is the same every run)."""
+        if self.model != self.base_model:
+            self.switch(self.base_model)
         self.sample_rss("start")
         specials = {generations // 3: self.img2img_batch, generations // 2: self.xyz}
         while self.done < generations:
             i = self.done
             if i in specials:
                 specials.pop(i)()
-            elif i and i % 50 == 0:  # SD1.x <-> SDXL, then the reference on the new checkpoint
+            elif i and i % PHASE == 0:  # SD1.x <-> SDXL, then the reference on the new checkpoint
+                if self.model == self.base_model and i >= WARM_PHASE_END and "warm" not in self.rss:
+                    self.sample_rss("warm")  # the end of an SD1.x phase after a full round trip
+                    self.rss["warm_at"] = self.done
                 self.switch()
                 self.reference()
             elif i % 20 == 0:
                 self.reference()
             else:
                 self.step()
-            if self.done == WARMUP:
-                if self.model != self.base_model:
-                    self.switch()
+            if self.done == WARMUP and self.xl_model is None:
                 self.sample_rss("warm")
                 self.rss["warm_at"] = self.done
         if self.model != self.base_model:
