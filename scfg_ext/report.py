@@ -6,6 +6,7 @@ the infotext. A failure inside S-CFG is logged once per run and reason, never ra
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import Counter
@@ -16,6 +17,7 @@ import torch
 from .preview import PreviewStep, steps_to_record
 
 log = logging.getLogger("scfg")
+_RUNS = itertools.count(1)
 
 
 @dataclass
@@ -23,6 +25,7 @@ class RunReport:
     host: str = ""
     enabled: bool = True  # False: a generation with S-CFG off (the status route shows the last one)
     seed: int | None = None  # the generation's first seed, to tell runs apart
+    run: int = field(default_factory=lambda: next(_RUNS))  # grows with every report of the process
     applied: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     _stats: object = None  # [min, max, sum of means] of the rate, on the device until read
@@ -111,6 +114,7 @@ class RunReport:
             "host": self.host,
             "enabled": self.enabled,
             "seed": self.seed,
+            "run": self.run,
             "steps_applied": self.applied,
             "steps_fallback": dict(self.fallbacks),
             "rate": {"min": lo, "mean": None if total is None else total / self._rate_count, "max": hi},

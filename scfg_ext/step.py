@@ -112,6 +112,7 @@ class StepCapture:
         rows, tokens = k.shape[0], k.shape[1]
         identity = self.geometry.identity(tokens, fused_width(tokens), rows, heads, dtype, q.device)
         s_q4, s_k4 = split_heads_view(q1, heads1, dtype), split_heads_view(k1, heads1, dtype)
+
         def kernel_takes_them():  # C stands in by a view of the right shape
             values = identity[:, :1, :1].expand(rows, heads1, q1.shape[1], -1)
             return attention.fused_attention_ok(q4, k4, identity) and \

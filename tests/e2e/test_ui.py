@@ -127,12 +127,30 @@ def decoded(b64):
     return Image.open(BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB").tobytes()
 
 
-def ui_generate(page):
-    """Generate from the UI as it is set up; wait for this run's infotext, return its image's pixels."""
-    page.evaluate("() => { const info = document.querySelector('#html_info_txt2img'); "
-                  "if (info) info.innerHTML = ''; }")
+def last_run():
+    from tests.e2e.client import api_call
+
+    return api_call(URL.rstrip("/"), "/scfg/v1/status")[1]["last_run"]
+
+
+def ui_generate(page, seed, timeout=900):
+    """Generate from the UI as it is set up; return the pixels of its image once it has finished.
+
+    Finished: the status route reports a newer run with this generation's seed (runs of equal
+    settings give equal infotexts, so the page alone cannot tell a new result from the last
+    one), and the UI shows its Generate button and infotext again."""
+    before = last_run()["run"]
     page.locator("#txt2img_generate").click()
-    page.locator("#html_info_txt2img").filter(has_text="S-CFG strength").first.wait_for(timeout=900_000)
+    deadline = time.time() + timeout
+    while True:
+        run = last_run()
+        if run["run"] > before and run["seed"] == seed:
+            break
+        assert time.time() < deadline, f"no UI run with seed {seed} finished within {timeout} s: {run}"
+        time.sleep(0.5)
+    page.locator("#txt2img_generate").wait_for(state="visible", timeout=120_000)
+    info = page.locator("#html_info_txt2img").filter(has_text="S-CFG strength")
+    info.filter(has_text=f"Seed: {seed}").first.wait_for(timeout=120_000)
     return gallery_pixels(page)
 
 
@@ -153,7 +171,7 @@ def test_a_ui_generation_while_an_api_request_runs(page):
     api_body = {"prompt": "a blue house under a green tree", "seed": 5, "steps": 24, "width": 64,
                 "height": 64, "cfg_scale": 7, "sampler_name": "Euler", "save_images": False,
                 "alwayson_scripts": {"S-CFG": {"args": [{"enabled": True, "max_rate": 2.0}]}}}
-    ui_alone = ui_generate(page)
+    ui_alone = ui_generate(page, 99)
     code, api_alone = api_call(URL.rstrip("/"), "/sdapi/v1/txt2img", api_body)
     assert code == 200, api_alone
 
@@ -168,7 +186,7 @@ def test_a_ui_generation_while_an_api_request_runs(page):
             break
         time.sleep(0.05)
     assert worker.is_alive(), "the API request finished before the UI asked: no overlap to test"
-    ui_together = ui_generate(page)
+    ui_together = ui_generate(page, 99)
     worker.join(900)
     code, api_together = result["api"]
     assert code == 200, api_together
