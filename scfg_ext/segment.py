@@ -218,7 +218,7 @@ class LayerFusion:
     def add(self, maps: torch.Tensor, size: tuple[int, int]) -> None:
         """Fold in one layer's refined maps [B, N, L] of spatial size (h, w).
 
-        Maps may carry zero columns past the context's L positions (``attention.fused_pad``): they
+        Maps may carry zero columns past the context's L positions (``attention.fused_width``): they
         are dropped here, by the column matrix or a slice, at no extra copy.
         """
         flat = maps.float()
