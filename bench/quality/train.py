@@ -1,7 +1,8 @@
 """Train a small SD1.x-layout latent diffusion model on bench.quality.data (CPU, seeded, resumable).
 
 Stages (one state file, WORK/state.pt, saved every --save-min minutes and at each stage's end):
-  vae     AutoencoderKL f=8, 4 latent channels, L1 + 1e-6 KL, on random crops of 256² images
+  vae     AutoencoderKL f=8, 4 latent channels: by default set to 8x8 mean pooling / nearest upsampling
+          (bench.quality.analytic_vae); --vae train learns it (L1 + 1e-6 KL, random 128² crops)
   calib   fold a scale into quant_conv/post_quant_conv so that latents * 0.18215 have unit std
           (the checkpoint then uses SD1.x's scale_factor, like any SD1.5 model)
   encode  cache posterior means of the first --n-images training images (latent 32²)
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.quality import data
+from bench.quality import analytic_vae, data
 from tests.e2e import models as e2e
 
 SCALE = 0.18215
@@ -34,7 +35,8 @@ TE = e2e.CLIPTextConfig(hidden_size=60, intermediate_size=240, num_hidden_layers
 # 1024-token self-attention there doubled the step time; S-CFG reads latent/4 and latent/8 only.
 UNET = e2e.UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
                       attention_resolutions=(4, 2), num_heads=4, context_dim=TE.hidden_size)
-VAE = e2e.VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+# The VAE is set, not trained, by default (bench.quality.analytic_vae): 8x8 mean pooling / nearest.
+VAE = e2e.VAEConfig(ch=analytic_vae.CH, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
 
 def build(tok_dir: str):
@@ -183,6 +185,11 @@ class Trainer:
         self.save()
 
     def stage_vae(self):
+        if self.a.vae == "analytic":
+            analytic_vae.set_weights(self.vae)
+            self.log("vae: analytic weights (8x8 mean pooling in, nearest upsampling out)")
+            self.next_stage("calib")
+            return
         a, vae = self.a, self.vae.train()
         c, recent = a.vae_crop, []
         while self.st["step"] < a.vae_steps:
@@ -304,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-min", type=float, default=5.0)
+    ap.add_argument("--vae", choices=("analytic", "train"), default="analytic",
+                    help="set the VAE's weights (analytic_vae) or learn them (--vae-steps ...)")
     ap.add_argument("--vae-steps", type=int, default=900)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-crop", type=int, default=128)
