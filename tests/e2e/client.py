@@ -14,3 +14,12 @@ def api_call(base: str, path: str, body=None, timeout: float = 900):
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"null")
+
+
+def hires_modules(body: dict, host: str, modules=("Use same choices",)) -> dict:
+    """``body`` with the hr_additional_modules field that Forge 2 (status host "forge") needs on a
+    hires request (a 500 error without it); the A1111 and ldm_patched hosts know no such field."""
+    body = {k: v for k, v in body.items() if k != "hr_additional_modules"}
+    if body.get("enable_hr") and host == "forge":
+        body["hr_additional_modules"] = list(modules)
+    return body

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from scfg_ext.params import FIELDS, infotext_key
-from tests.e2e.client import api_call
+from tests.e2e.client import api_call, hires_modules
 
 URL = os.environ.get("SCFG_FORGE_URL", "").rstrip("/")
 pytestmark = [
@@ -127,9 +127,7 @@ def require_scripts(*titles):
 
 
 def hires_settings() -> dict:
-    """Forge 2 needs hr_additional_modules (a 500 error without it); the ldm_patched forks know no such
-    field."""
-    return {k: v for k, v in HIRES.items() if k != "hr_additional_modules" or HOST.get("host") == "forge"}
+    return hires_modules(HIRES, HOST.get("host"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -270,8 +268,7 @@ def test_non_square_and_odd_sizes(size):
 
 
 HIRES = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
-             denoising_strength=0.6, hr_cfg=7.0, hr_additional_modules=["Use same choices"])
-# (Forge API defaults: hires CFG 1, and a 500 error without hr_additional_modules)
+             denoising_strength=0.6, hr_cfg=7.0)  # (Forge's API default hires CFG is 1)
 
 
 def test_hires_fix():
@@ -512,10 +509,8 @@ def test_lora():
 
 def test_hooks_are_removed_when_sampling_raises():
     """An unknown hires sampler raises after the first pass has sampled with our patches installed."""
-    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
-             "hr_sampler_name": "no such sampler"}
-    if HOST["host"] == "forge":
-        hires["hr_additional_modules"] = []
+    hires = hires_modules({"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
+                           "hr_sampler_name": "no such sampler"}, HOST["host"], modules=())
     code, body = call("/sdapi/v1/txt2img", {**BASE, **hires, "alwayson_scripts": scfg()})
     assert code >= 400, body
     report = status()

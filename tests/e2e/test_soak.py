@@ -33,7 +33,7 @@ import pytest
 
 from bench.webui import pid_for_port, vmrss_kib
 from scfg_ext.segment import PRESETS, REGIONS
-from tests.e2e.client import api_call
+from tests.e2e.client import api_call, hires_modules
 from tests.e2e.test_xyz import axis_index, xyz_args
 
 HOSTS = {"a1111": os.environ.get("SCFG_A1111_URL", "").rstrip("/"),
@@ -163,9 +163,7 @@ class Soak:
                 self.rss[label] = vmrss_kib(status.read()) / 1024
 
     def generate(self, endpoint, body):
-        body = dict(body)
-        if body.get("enable_hr") and self.host == "forge":
-            body["hr_additional_modules"] = ["Use same choices"]  # Forge 2 answers 500 without it
+        body = hires_modules(body, self.host)
         if self.model == self.xl_model:  # the default "Approx NN" live preview would download its SDXL model
             settings = {**body.get("override_settings", {}), "show_progress_type": "Approx cheap"}
             body["override_settings"] = settings
