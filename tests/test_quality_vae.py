@@ -31,6 +31,7 @@ def test_latents_are_patch_means_and_decode_to_their_blocks(vae):
         posterior = vae.encode(x).latent_dist
         pooled = F.avg_pool2d(x, 8)
         assert (posterior.mean[:, :3] - pooled).abs().max() < 1e-2
+        assert (analytic_vae.encode_mean(vae, x) - posterior.mean).abs().max() < 1e-2
         assert posterior.mean[:, 3].abs().max() < 1e-3 and posterior.std.max() < 1e-5
         rec = vae.decode(posterior.mean).sample
         assert (rec - F.interpolate(pooled, scale_factor=8, mode="nearest")).abs().max() < 2e-2

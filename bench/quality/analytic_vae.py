@@ -124,3 +124,23 @@ def set_weights(vae, latent_gain: float = 1.0, logvar: float = -30.0) -> None:
             for ch in range(CH):
                 _center(up.conv, ch, ch, 1.0)
     _signal_out(dec.conv_out, list(range(RGB)), 1.0)
+
+
+@torch.no_grad()
+def encode_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """The posterior mean ``set_weights``' encoder computes, by its closed form: the 8x8 patch mean
+    through the module's own quant_conv (so a scale folded in later applies). Equal to
+    ``vae.encode(x).latent_dist.mean`` to ~4e-3 (tests), at a fraction of the cost of running 96
+    channels at full resolution.  x: [B, 3, H, W] in [-1, 1] -> [B, z, H/8, W/8]."""
+    z = vae.config.latent_channels
+    pooled = torch.nn.functional.avg_pool2d(x, 8)
+    raw = torch.zeros(x.shape[0], 2 * z, *pooled.shape[-2:], dtype=x.dtype, device=x.device)
+    raw[:, :RGB] = pooled * _latent_gain(vae)
+    raw[:, z:] = vae.encoder.conv_out.bias[z:, None, None]
+    return vae.quant_conv(raw)[:, :z]
+
+
+def _latent_gain(vae) -> float:
+    """latent_gain of ``set_weights``, read back from the decoder's input conv (1 / gain)."""
+    k = vae.decoder.conv_in.kernel_size[0] // 2
+    return 1.0 / float(vae.decoder.conv_in.weight[0, 0, k, k])
