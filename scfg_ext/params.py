@@ -80,7 +80,10 @@ class ScfgParams:
     # (clients that expect N images get N otherwise). test_fault, for end-to-end tests of the
     # fallback path: "cross_attention" or "result" makes that stage of every step raise, "oom" the
     # capture raise a CUDA out-of-memory error, "setup" / "teardown" / "preview" those stages raise.
+    # raw_maps: keep every step's low-resolution maps (token labels, foreground, rate) of every
+    # image for GET /scfg/v1/status (last_run.maps), e.g. to measure segmentation.
     api_previews: bool = False
+    raw_maps: bool = False
     test_fault: str = ""
 
     def for_hires(self) -> ScfgParams | None:
@@ -187,6 +190,7 @@ def make_params(**values) -> ScfgParams:
     if test_fault not in TEST_FAULTS:
         raise ScfgParamError(f"S-CFG parameter 'test_fault' must be one of {TEST_FAULTS}, got {test_fault!r}")
     api_previews = _coerce(Field("api_previews", False, ""), values.pop("api_previews", False))
+    raw_maps = _coerce(Field("raw_maps", False, ""), values.pop("raw_maps", False))
     for old, new in OLD_NAMES.items():
         if old in values:
             if new in values:
@@ -197,7 +201,7 @@ def make_params(**values) -> ScfgParams:
         raise ScfgParamError(f"unknown S-CFG parameter(s) {sorted(unknown)}; "
                              f"known: {', '.join(FIELD_BY_NAME)}")
     clean = {name: _coerce(FIELD_BY_NAME[name], v) for name, v in values.items()}
-    params = ScfgParams(**clean, api_previews=api_previews, test_fault=test_fault)
+    params = ScfgParams(**clean, api_previews=api_previews, raw_maps=raw_maps, test_fault=test_fault)
     parse_levels(params.levels)
     for low, high in PAIRS:
         if getattr(params, low) > getattr(params, high):

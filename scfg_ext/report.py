@@ -33,6 +33,7 @@ class RunReport:
     warned: set = field(default_factory=set)
     notes: list = field(default_factory=list)
     preview_steps: int = 0  # steps to record per sampling pass for previews; 0 records nothing
+    raw_maps: bool = False  # record every step, and give the maps in as_dict (API: raw_maps)
     phase: str = ""  # the sampling pass being recorded: "" or "hires"
     previews: dict = field(default_factory=dict)  # (image, sub-prompt) -> [PreviewStep]
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -70,7 +71,8 @@ class RunReport:
 
         step: 0-based sampling step; rows[k] = (image index, sub-prompt index) of the result's row k.
         """
-        if not self.preview_steps or step not in steps_to_record(total, self.preview_steps):
+        wanted = self.raw_maps or (self.preview_steps and step in steps_to_record(total, self.preview_steps))
+        if not wanted:
             return
         for k, key in enumerate(rows):
             shot = PreviewStep(step + 1, total, result.labels[k].cpu(), result.foreground[k, 0].cpu(),
@@ -119,4 +121,15 @@ class RunReport:
             "steps_fallback": dict(self.fallbacks),
             "rate": {"min": lo, "mean": None if total is None else total / self._rate_count, "max": hi},
             "notes": list(self.notes),
+            **({"maps": self.maps_as_lists()} if self.raw_maps else {}),
         }
+
+    def maps_as_lists(self) -> list[dict]:
+        """Every recorded step of every (image, sub-prompt), as JSON-ready lists: labels [h][w] (token
+        position per pixel of the mask grid), foreground [h][w] (0/1), rate [H][W] (latent size)."""
+        with self._lock:
+            items = sorted(self.previews.items())
+        return [{"image": image, "sub_prompt": sub, "phase": shot.phase, "step": shot.step,
+                 "total": shot.total, "labels": shot.labels.tolist(), "foreground": shot.foreground.tolist(),
+                 "rate": [[round(v, 4) for v in row] for row in shot.rate.tolist()]}
+                for (image, sub), shots in items for shot in shots]

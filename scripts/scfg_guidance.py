@@ -266,7 +266,7 @@ class Script(scripts.Script):
             _pending_notes(None)
             return
         recorded = _preview_steps() if params.show_maps else int(params.overlay)  # the last step at least
-        report = RunReport(host=HOST, preview_steps=recorded, seed=seed)
+        report = RunReport(host=HOST, preview_steps=recorded, seed=seed, raw_maps=params.raw_maps)
         p._scfg = (params, report)
         _pending_notes(report)
         p.extra_generation_params.update(to_infotext(params))

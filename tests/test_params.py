@@ -19,7 +19,7 @@ def test_defaults_are_the_authors():
     p = ScfgParams()
     assert (p.enabled, p.preset, p.refine_power, p.min_rate, p.max_rate, p.max_scale) == \
         (False, "official", 4, 0.8, 3.0, 15.0)
-    named_only = ("api_previews", "test_fault")
+    named_only = ("api_previews", "raw_maps", "test_fault")
     assert [f.name for f in FIELDS] == [n for n in ScfgParams.__dataclass_fields__ if n not in named_only]
     assert all(getattr(p, f.name) == f.default for f in FIELDS)
 
@@ -144,7 +144,8 @@ JSON_VALUES = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=st.sampled_from([f.name for f in FIELDS] + ["api_previews", "test_fault"]), value=JSON_VALUES)
+@given(name=st.sampled_from([f.name for f in FIELDS] + ["api_previews", "raw_maps", "test_fault"]),
+       value=JSON_VALUES)
 def test_any_json_value_is_taken_or_refused_naming_the_parameter(name, value):
     """What an API client can send for one parameter: a valid ScfgParams or ScfgParamError naming it."""
     try:
@@ -203,7 +204,8 @@ def test_positional_args_only_ever_grow():
 
 
 @settings(max_examples=200, deadline=None)
-@given(name=st.sampled_from(["enabled", "show_maps", "overlay", "api_previews"]), value=JSON_VALUES)
+@given(name=st.sampled_from(["enabled", "show_maps", "overlay", "api_previews", "raw_maps"]),
+       value=JSON_VALUES)
 def test_a_switch_takes_a_bool_0_1_or_a_yes_no_word_only(name, value):
     words = ("true", "false", "1", "0", "yes", "no", "on", "off")
     meant = isinstance(value, bool) or (type(value) in (int, float) and value in (0, 1)) \

@@ -94,3 +94,27 @@ def test_overlay_follows_the_image_size_not_the_grid():
     labels = torch.full((4, 6), 6, dtype=torch.long)
     out = overlay(Image.new("RGB", (96, 64)), step(1, labels), PROMPT)
     assert out.size == (96, 64)
+
+
+def test_raw_maps_record_every_step_and_reach_the_status_as_lists():
+    """API raw_maps: every step of every (image, sub-prompt), labels/foreground on the mask grid and
+    the rate at latent size, JSON-ready; without it the status has no maps and previews keep their
+    few steps."""
+    import json
+    from types import SimpleNamespace
+
+    from scfg_ext.report import RunReport
+
+    labels = torch.arange(2 * 4 * 6).reshape(2, 4, 6) % 5
+    result = SimpleNamespace(labels=labels, foreground=(labels[:, None] > 2).float(),
+                             rate=torch.rand(2, 1, 8, 12) + 0.8)
+    raw, plain = RunReport(raw_maps=True), RunReport(preview_steps=2)
+    for step in range(10):
+        for report in (raw, plain):
+            report.record(step, 10, result, [(0, 0), (1, 0)], [7.0, 7.0])
+    maps = json.loads(json.dumps(raw.as_dict()))["maps"]
+    assert [(m["image"], m["step"]) for m in maps] == [(i, s) for i in (0, 1) for s in range(1, 11)]
+    first = maps[0]
+    assert first["labels"] == labels[0].tolist() and first["foreground"] == (labels[0] > 2).float().tolist()
+    assert len(first["rate"]) == 8 and len(first["rate"][0]) == 12 and first["total"] == 10
+    assert "maps" not in plain.as_dict() and len(plain.previews[(0, 0)]) == 2
