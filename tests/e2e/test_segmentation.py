@@ -1,0 +1,187 @@
+"""End-to-end: S-CFG's regions on learned attention, in the real AUTOMATIC1111, against ground truth.
+
+Teacher-forced: a held-out image of bench/quality's data set is noised by img2img (denoising
+strength DENOISE) and denoised with its own caption and S-CFG on, with the named API arg
+``raw_maps``; the status route returns each step's token labels on the mask grid. Each named
+object's region (pixels won by its colour or its shape word) is compared with its true mask,
+reduced to the same grid, by IoU; controls: the same regions against the masks of another image
+(wrong sample) and against a random labelling (random). A row swap, a token offset or a transposed
+grid turns the IoU into the controls'.
+
+Needs SCFG_A1111_URL and the checkpoint trained by bench/quality (``scfg-shapes-sd15``, see
+bench/quality/README.md) in the WebUI's checkpoint list; skipped, saying why, otherwise.
+Prints the IoU table (SCFG_SEG_OUT=file appends it as JSON).
+"""
+
+import base64
+import io
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+
+from bench.quality import data
+from tests.e2e.client import api_call
+
+URL = os.environ.get("SCFG_A1111_URL", "").rstrip("/")
+MODEL = "scfg-shapes-sd15"
+DENOISE, STEPS, CFG, SEED = 0.6, 20, 5.0, 11
+IMAGES = 8
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not URL, reason="SCFG_A1111_URL is not set: segmentation runs in a real A1111")]
+
+
+def call(path, body=None, timeout=1800):
+    return api_call(URL, path, body, timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shapes_model():
+    try:
+        _, models = call("/sdapi/v1/sd-models", timeout=10)
+    except OSError as error:
+        pytest.skip(f"no WebUI at SCFG_A1111_URL={URL}: {error}")
+    titles = [m["title"] for m in models if m["model_name"] == MODEL]
+    if not titles:
+        pytest.skip(f"no checkpoint {MODEL} in the WebUI (bench/quality/README.md: train, convert, copy)")
+    before = call("/sdapi/v1/options")[1]["sd_model_checkpoint"]
+    assert call("/sdapi/v1/options", {"sd_model_checkpoint": titles[0]})[0] == 200
+    yield
+    call("/sdapi/v1/options", {"sd_model_checkpoint": before})
+
+
+def png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def object_tokens(caption: str, objects) -> list[tuple[int, int]]:
+    """Context positions of each object's colour and shape word, in caption order. START is 0; CLIP's
+    pre-tokenizer splits words from punctuation, and every word of this data's captions is one BPE
+    token of the CLIP vocabulary (colours, shapes, backgrounds, "a", "an", "and", "on")."""
+    words = re.findall(r"[a-z]+|[^\sa-z]+", caption)
+    found, at = [], 0
+    for obj in objects:
+        colour = words.index(obj.colour, at)
+        shape = words.index(obj.shape, colour)
+        found.append((colour + 1, shape + 1))
+        at = shape + 1
+    return found
+
+
+def grid_masks(labels: np.ndarray, count: int, grid: tuple[int, int]) -> list[np.ndarray]:
+    """The true mask of each object reduced to the mask grid: a cell is the object's where it covers
+    half of the cell or more."""
+    h, w = grid
+    cells = labels.reshape(h, labels.shape[0] // h, w, labels.shape[1] // w)
+    return [(cells == k + 1).mean((1, 3)) >= 0.5 for k in range(count)]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def segment(samples, seed=SEED, **scfg) -> list[np.ndarray]:
+    """Teacher-forced img2img of the samples (a batch, the first one's caption) with S-CFG; the token
+    labels of the last step of each image, [h, w]."""
+    args = {"enabled": True, "raw_maps": True, **scfg}
+    body = {"init_images": [png_b64(s.image) for s in samples], "prompt": samples[0].caption,
+            "negative_prompt": "", "seed": seed, "steps": STEPS, "cfg_scale": CFG, "width": data.SIZE,
+            "height": data.SIZE, "denoising_strength": DENOISE, "sampler_name": "Euler",
+            "batch_size": len(samples), "save_images": False, "send_images": False,
+            "alwayson_scripts": {"S-CFG": {"args": [args]}}}
+    code, answer = call("/sdapi/v1/img2img", body)
+    assert code == 200, answer
+    run = call("/scfg/v1/status")[1]["last_run"]
+    assert run["steps_applied"] > 0 and run["maps"], run
+    last = {}
+    for m in run["maps"]:
+        if m["sub_prompt"] == 0 and m["step"] >= last.get(m["image"], {"step": -1})["step"]:
+            last[m["image"]] = m
+    return [np.array(last[i]["labels"]) for i in range(len(samples))]
+
+
+def scores(samples, labels_per_image) -> dict:
+    rng = random.Random(0)
+    ours, wrong, rand = [], [], []
+    for i, (sample, labels) in enumerate(zip(samples, labels_per_image, strict=True)):
+        grid = labels.shape
+        truth = grid_masks(sample.labels, len(sample.objects), grid)
+        other = samples[(i + 1) % len(samples)]
+        other_truth = grid_masks(other.labels, len(other.objects), grid)
+        positions = object_tokens(sample.caption, sample.objects)
+        shuffled = labels.flatten().copy()
+        rng.shuffle(shuffled)
+        shuffled = shuffled.reshape(grid)
+        for k in range(len(sample.objects)):
+            words = list(positions[k])
+            region = np.isin(labels, words)
+            ours.append(iou(region, truth[k]))
+            wrong.append(iou(region, other_truth[k % len(other_truth)]))
+            rand.append(iou(np.isin(shuffled, words), truth[k]))
+    return {"objects": len(ours), "iou": round(float(np.mean(ours)), 3),
+            "wrong_sample": round(float(np.mean(wrong)), 3), "random": round(float(np.mean(rand)), 3)}
+
+
+def report(name, result):
+    print(f"\nsegmentation {name}: {json.dumps(result)}")
+    out = os.environ.get("SCFG_SEG_OUT")
+    if out:
+        with open(out, "a") as file:
+            file.write(json.dumps({"case": name, **result}) + "\n")
+
+
+HELD_OUT = [data.sample(0, i, "heldout") for i in range(IMAGES)]
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_object_regions_land_on_the_objects(preset):
+    """Levels latent/2 and latent/4 (a 16x16 grid at 256²; the default latent/4 + latent/8 give 8x8,
+    reported by the next test)."""
+    labels = [segment([s], preset=preset, levels="2,4")[0] for s in HELD_OUT]
+    result = scores(HELD_OUT, labels)
+    report(f"one image per request, preset {preset}, levels 2,4, grid {labels[0].shape}", result)
+    controls = max(result["wrong_sample"], result["random"])
+    assert result["iou"] > max(MIN_IOU, CONTROL_FACTOR * controls), result
+
+
+def test_default_levels_reported():
+    labels = [segment([s])[0] for s in HELD_OUT]
+    result = scores(HELD_OUT, labels)
+    report(f"one image per request, preset official, levels auto, grid {labels[0].shape}", result)
+    assert labels[0].shape == (data.SIZE // 32, data.SIZE // 32)  # latent/4 is the finest default level
+
+
+def mirrored(sample, k: int):
+    """The sample with its layout flipped (k = 0..3: as is, left-right, up-down, both): the same
+    caption, other places."""
+    from dataclasses import replace
+
+    flip = {0: lambda a: a, 1: np.fliplr, 2: np.flipud, 3: lambda a: np.flipud(np.fliplr(a))}[k]
+    return replace(sample, image=np.ascontiguousarray(flip(sample.image)),
+                   labels=np.ascontiguousarray(flip(sample.labels)))
+
+
+def test_a_batch_gives_each_image_its_own_regions():
+    """Four layouts of one held-out image in one request: each image's regions equal those of the
+    same image run alone with its seed (the set VAE's posterior is deterministic, so img2img is
+    too); a swap of rows between the images would give each another's."""
+    batch = [mirrored(HELD_OUT[2], k) for k in range(4)]
+    together = segment(batch, levels="2,4")
+    alone = [segment([sample], seed=SEED + i, levels="2,4")[0] for i, sample in enumerate(batch)]
+    agree = [float((a == b).mean()) for a, b in zip(together, alone, strict=True)]
+    report("batch of 4 mirrored layouts, levels 2,4", {**scores(batch, together), "agree_alone": agree})
+    assert min(agree) >= 0.95, agree
+    assert float((together[0] == together[1]).mean()) < 0.9, "the layouts gave the same regions"
+
+
+# Set from the first measurement (2026-12-02, UNet step ~3,300, an undertrained model: IoU 0.13-0.14
+# against controls of 0.03-0.04 at levels 2,4): provisional, to be raised once the model is trained.
+MIN_IOU, CONTROL_FACTOR = 0.08, 2.5
