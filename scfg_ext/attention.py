@@ -1,10 +1,12 @@
 """Attention maps and their self-attention refinement (paper §4.1, eq. 10).
 
-Every function here takes head-split-free tensors as the WebUIs hand them over:
-queries and keys are ``[rows, tokens, heads * dim_head]``. Arithmetic is fp32, except that on a
+Every function here but the fused path's (which takes ``split_heads_view`` views) takes
+head-split-free tensors as the WebUIs hand them over: queries and keys are
+``[rows, tokens, heads * dim_head]``. Arithmetic is fp32, except that on a
 GPU half-precision queries and keys give half-precision logits and softmax (as the attention's own
-SDPA computes them) before the head mean, which is taken in fp32. Results come back in the dtype
-and on the device of the input maps.
+SDPA computes them) before the head mean, which is taken in fp32 (on the fused path, the kernel's
+own fp32 accumulation, and the means in the inputs' dtype). Results come back in the dtype and on
+the device of the input maps (fused path: the inputs' dtype).
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ def fused_device(device: torch.device) -> bool:
 def fused_attention_ok(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor) -> bool:
     """Whether SDPA runs these [rows, heads, T, ·] inputs in one fused kernel on their device
     (CUDA's efficient attention); elsewhere it would materialise the maps, so the caller keeps
-    its own blocks. Asked once per shape and generation (``segment.Geometry.fused``)."""
+    its own blocks. Asked once per shape and generation (``segment.Geometry.once``)."""
     cuda = torch.backends.cuda
     try:
         try:
