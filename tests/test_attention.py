@@ -84,16 +84,21 @@ def test_cpu_blocks_stay_cache_sized(monkeypatch):
     assert sum(t.shape[-2] for t in seen) == 2 * 2 * n  # every query of every row and head once
 
 
+def refinement_case(rows, n, heads, L, mode, R, seed):
+    """Random self-attention q/k, a cross map C and the dense refinement of C (eq. 10)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
+    c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
+    return q, k, c, refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
+
+
 @BOTH_WAYS
 @given(rows=st.integers(1, 3), n=st.integers(2, 36), heads=st.sampled_from([1, 3]),
        L=st.integers(1, 9), mode=st.sampled_from(["official", "paper"]), R=st.integers(1, 5),
        seed=st.integers(0, 999))
 def test_streamed_equals_dense(per_head, rows, n, heads, L, mode, R, seed):
     """Property 8: the streamed refinement equals the dense one to float tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
-    c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
-    dense = refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
+    q, k, c, dense = refinement_case(rows, n, heads, L, mode, R, seed)
     with head_blocks(per_head):
         materialised = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=2**30)
         streamed = refine_streamed(q, k, c, heads, 0.5, R, mode, budget_bytes=4 * rows * heads * n * 2)
@@ -182,10 +187,7 @@ def test_fused_cross_probs_are_the_head_mean_padded_with_zeros(rows, n, t, heads
        seed=st.integers(0, 999))
 def test_fused_refine_equals_dense(rows, n, heads, L, pad, mode, R, seed):
     """S·Y as the head mean of SDPA(q_h, k_h, Y) gives eq. 10's refinement; zero columns stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(rows, n, heads * 4, generator=g), torch.randn(rows, n, heads * 4, generator=g)
-    c = torch.softmax(torch.randn(rows, n, L, generator=g), -1)
-    dense = refine(reference_head_mean(q, k, heads, 0.5), c, steps=R, mode=mode)
+    q, k, c, dense = refinement_case(rows, n, heads, L, mode, R, seed)
     q4, k4 = (attention.split_heads_view(x, heads, torch.float32) for x in (q, k))
     fused = attention.fused_refine(q4, k4, torch.nn.functional.pad(c, (0, pad)), 0.5, R, mode)
     torch.testing.assert_close(fused[..., :L], dense)
