@@ -124,6 +124,15 @@ class RunReport:
             **({"maps": self.maps_as_lists()} if self.raw_maps else {}),
         }
 
+    def preview_shots(self, key: tuple[int, int]) -> list[PreviewStep]:
+        """The recorded steps of (image, sub-prompt) that the previews show: with raw_maps every step
+        is recorded, the previews still show their ``preview_steps``."""
+        with self._lock:
+            shots = list(self.previews.get(key, []))
+        if not self.raw_maps:
+            return shots
+        return [s for s in shots if s.step - 1 in steps_to_record(s.total, self.preview_steps)]
+
     def maps_as_lists(self) -> list[dict]:
         """Every recorded step of every (image, sub-prompt), as JSON-ready lists: labels [h][w] (token
         position per pixel of the mask grid), foreground [h][w] (0/1), rate [H][W] (latent size)."""

@@ -396,7 +396,7 @@ def _add_previews(p, processed, report, params):
         prompt = p.all_prompts[image] if image < len(p.all_prompts) else ""
         shown, overlays, panels = processed.images[position], [], []
         for sub, text in enumerate(split_and(prompt)):
-            steps = report.previews.get((image, sub))
+            steps = report.preview_shots((image, sub))
             if not steps:
                 continue
             tokens = HOOKS.prompt_tokens(p, text)

@@ -118,3 +118,10 @@ def test_raw_maps_record_every_step_and_reach_the_status_as_lists():
     assert first["labels"] == labels[0].tolist() and first["foreground"] == (labels[0] > 2).float().tolist()
     assert len(first["rate"]) == 8 and len(first["rate"][0]) == 12 and first["total"] == 10
     assert "maps" not in plain.as_dict() and len(plain.previews[(0, 0)]) == 2
+    # the previews drawn show their own steps either way
+    both = RunReport(raw_maps=True, preview_steps=2)
+    for step in range(10):
+        both.record(step, 10, result, [(0, 0), (1, 0)], [7.0, 7.0])
+    assert len(both.previews[(0, 0)]) == 10
+    shown = [s.step for s in both.preview_shots((0, 0))]
+    assert shown == [s.step for s in plain.preview_shots((0, 0))] == [5, 10]
