@@ -131,51 +131,38 @@ class Geometry:
     def __init__(self):
         self._cache: dict = {}
 
-    def budget(self, device) -> int:
-        """The memory budget for one block's self-attention map on ``device``."""
-        from .attention import device_budget
-
-        key = ("budget", str(device))
-        if key not in self._cache:
-            self._cache[key] = device_budget(device)
-        return self._cache[key]
-
-    def kernel(self, device) -> torch.Tensor:
-        key = ("kernel", str(device))
-        if key not in self._cache:
-            self._cache[key] = official_kernel_1d(torch.float32, device)
-        return self._cache[key]
-
     def once(self, key, make):
         """``make()``, computed the first time ``key`` is asked for in this generation."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
 
+    def budget(self, device) -> int:
+        """The memory budget for one block's self-attention map on ``device``."""
+        from .attention import device_budget
+
+        return self.once(("budget", str(device)), lambda: device_budget(device))
+
+    def kernel(self, device) -> torch.Tensor:
+        return self.once(("kernel", str(device)), lambda: official_kernel_1d(torch.float32, device))
+
     def identity(self, tokens: int, width: int, rows: int, heads: int, dtype, device) -> torch.Tensor:
         """[rows, heads, tokens, width] identity padded with zero columns (one matrix, expanded)."""
-        key = ("identity", tokens, width, rows, heads, dtype, str(device))
-        if key not in self._cache:
-            eye = torch.eye(tokens, width, dtype=dtype, device=device)
-            self._cache[key] = eye.expand(rows, heads, tokens, width)
-        return self._cache[key]
+        return self.once(("identity", tokens, width, rows, heads, dtype, str(device)),
+                         lambda: torch.eye(tokens, width, dtype=dtype, device=device).expand(
+                             rows, heads, tokens, width))
 
     def constant(self, value: float, device) -> torch.Tensor:
         """A 0-dim fp32 tensor of ``value`` on ``device`` (an operand that needs no host copy)."""
-        key = ("constant", value, str(device))
-        if key not in self._cache:
-            self._cache[key] = torch.tensor(value, device=device)
-        return self._cache[key]
+        return self.once(("constant", value, str(device)), lambda: torch.tensor(value, device=device))
 
     def mean_weights(self, size: tuple[int, int], grid: tuple[int, int], smooth: bool,
                      device, rows: int = 1) -> torch.Tensor:
         """[rows, 1, h·w] fp32 (one row expanded): upsampling and smoothing are linear, so the grid mean
         of a layer's map is a fixed weighting of its pixels; found by mapping each pixel's indicator
         through them."""
-        key = ("mean", tuple(size), tuple(grid), smooth, str(device), rows)
-        if key not in self._cache:
-            self._cache[key] = self._pixel_weights(size, grid, smooth, device).expand(rows, 1, -1)
-        return self._cache[key]
+        return self.once(("mean", tuple(size), tuple(grid), smooth, str(device), rows),
+                         lambda: self._pixel_weights(size, grid, smooth, device).expand(rows, 1, -1))
 
     def _pixel_weights(self, size, grid, smooth, device) -> torch.Tensor:
         n = size[0] * size[1]
