@@ -1,11 +1,17 @@
 """Convert bench.quality.train's diffusers/transformers export to ONE original-ldm-layout checkpoint.
 
-    python -m bench.quality.convert --work /work/scratch/quality --out DIR [--ldm-src SRC]
+    python -m bench.quality.convert --work /work/scratch/quality --out DIR [--ldm-src SRC] [--fixture F]
+    python -m bench.quality.convert --from-fixture FIXTURE --out DIR   # no training: the committed weights
 
 Writes DIR/scfg-shapes-sd15.safetensors (fp16; keys model.diffusion_model.*, first_stage_model.*,
 cond_stage_model.transformer.text_model.*, plus the DDPM schedule buffers), DIR/scfg-shapes-sd15.yaml
 and DIR/clip-tokenizer/ (tokenizer + text config the yaml's FrozenCLIPEmbedder reads), using the
 key mapping below (not diffusers' conversion scripts) and tests/e2e/models.py's yaml/tokenizer writers.
+
+The committed fixture (FIXTURE, --fixture writes it) holds what training learnt: the UNet and the
+text encoder in these ldm keys (fp16) and the VAE's quant_conv / post_quant_conv (fp32; the latent
+scale calibrated on the data). The rest of the VAE is a function of nothing (analytic_vae), so
+--from-fixture rebuilds it and writes the same checkpoint a fresh conversion writes.
 
 Checks: the key set and every shape equal tests.e2e.models' ldm specs for the same config; with
 --ldm-src (a folder holding the ``ldm`` package of github:Stability-AI/stablediffusion) the ldm UNet
@@ -98,6 +104,44 @@ def convert(unet, vae, te) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in sd.items()}
 
 
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture", NAME + ".fixture.safetensors")
+LEARNT = ("model.diffusion_model.", "cond_stage_model.", "first_stage_model.quant_conv.",
+          "first_stage_model.post_quant_conv.")
+
+
+def fixture_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learnt tensors of a converted state dict (fp16, but the VAE's scale convolutions)."""
+    part = {k: v for k, v in sd.items() if k.startswith(LEARNT)}
+    return {k: v.half() if v.is_floating_point() and not k.startswith("first_stage_model.") else v
+            for k, v in part.items()}
+
+
+def from_fixture(path: str) -> dict[str, torch.Tensor]:
+    """The full fp32 ldm state dict from the fixture: the set VAE rebuilt, its scale convs loaded."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from bench.quality import analytic_vae
+    from bench.quality.train import build
+
+    part = load_file(path)
+    with tempfile.TemporaryDirectory() as tok:
+        vae = build(tok)[0]
+    analytic_vae.set_weights(vae)
+    scale = {k.removeprefix("first_stage_model."): v for k, v in part.items()
+             if k.startswith("first_stage_model.")}
+    unexpected = vae.load_state_dict(scale, strict=False).unexpected_keys
+    assert not unexpected and len(scale) == 4, (unexpected, sorted(scale))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in part.items()}
+    for k, v in vae.state_dict().items():
+        nk = "first_stage_model." + vae_key(k, len(VAE.ch_mult))
+        if nk not in sd:
+            sd[nk] = v[:, :, None, None] if ".mid.attn_1." in nk and v.ndim == 2 else v
+    sd.update(e2e.ddpm_schedule_buffers())
+    return {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in sd.items()}
+
+
 def check_specs(sd: dict[str, torch.Tensor]) -> None:
     spec = {**e2e.unet_spec(UNET), **e2e.vae_spec(VAE), **e2e.clip_text_spec(TE)}
     got = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(("model.", "first_stage", "cond_stage"))}
@@ -165,14 +209,25 @@ def main(argv=None):
     ap.add_argument("--out", default="/work/scratch/quality/ldm")
     ap.add_argument("--name", default=NAME)
     ap.add_argument("--ldm-src", default=None, help="folder with the ldm package (forward comparison)")
+    ap.add_argument("--fixture", default=None, help="also write the learnt tensors here (e.g. FIXTURE)")
+    ap.add_argument("--from-fixture", default=None, help="convert the committed fixture, not --work's export")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    ex = os.path.join(a.work, "export")
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(ex, "unet")).eval()
-    vae = AutoencoderKL.from_pretrained(os.path.join(ex, "vae")).eval()
-    te = CLIPTextModel.from_pretrained(os.path.join(ex, "text_encoder")).eval()
-    sd = convert(unet, vae, te)
+    if a.from_fixture:
+        sd, te = from_fixture(a.from_fixture), None
+    else:
+        ex = os.path.join(a.work, "export")
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(ex, "unet")).eval()
+        vae = AutoencoderKL.from_pretrained(os.path.join(ex, "vae")).eval()
+        te = CLIPTextModel.from_pretrained(os.path.join(ex, "text_encoder")).eval()
+        sd = convert(unet, vae, te)
     check_specs(sd)
+    if a.fixture:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(a.fixture)), exist_ok=True)
+        save_file(fixture_part(sd), a.fixture, {"scfg_test_model": "sd15-shapes (learnt tensors)"})
+        print(f"{a.fixture} ({os.path.getsize(a.fixture) / 1e6:.2f} MB)")
     os.makedirs(a.out, exist_ok=True)
     clip_dir = os.path.join(a.out, e2e.TOKENIZER_DIR)
     e2e.write_clip_tokenizer(clip_dir, None, TE)
@@ -180,8 +235,9 @@ def main(argv=None):
     with open(yaml_path, "w") as fh:
         fh.write(e2e.sd15_yaml(UNET, VAE, clip_dir).replace("Random-weight SD1.5-topology test model",
                                                             "SD1.x-layout model trained on synthetic shapes"))
-    check_text(sd, clip_dir, te)
-    if a.ldm_src:
+    if te is not None:
+        check_text(sd, clip_dir, te)
+    if a.ldm_src and not a.from_fixture:
         check_ldm(sd, yaml_path, a.ldm_src, unet, vae)
     ckpt = os.path.join(a.out, a.name + ".safetensors")
     buffers = set(e2e.ddpm_schedule_buffers())  # kept in float32, as tests/e2e/models.py writes them
