@@ -23,3 +23,12 @@ def hires_modules(body: dict, host: str, modules=("Use same choices",)) -> dict:
     if body.get("enable_hr") and host == "forge":
         body["hr_additional_modules"] = list(modules)
     return body
+
+
+def checkpoint_titles(models: list[dict], name: str) -> list[str]:
+    """Titles of /sdapi/v1/sd-models entries whose file is ``name``.safetensors, in a subfolder or not
+    (A1111 names one in a subfolder "folder_name", so model_name alone misses it)."""
+    def stem(title: str) -> str:
+        return title.split(" [")[0].replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+    return [m["title"] for m in models if stem(m["title"]) == name]
