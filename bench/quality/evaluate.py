@@ -90,7 +90,7 @@ def generate(client: Client, a, prompts) -> list[dict]:
         for i, (caption, _) in enumerate(prompts):
             if (method, cfg, i) in done:
                 continue
-            scfg = {"enabled": True, "levels": a.levels} if method == "scfg" else None
+            scfg = {"enabled": True, "levels": a.levels, "region": a.region} if method == "scfg" else None
             images, run = client.txt2img(caption, a.seed + 100 * i, cfg, a.steps, a.seeds, scfg)
             for j, im in enumerate(images[:a.seeds]):
                 save_png(os.path.join(config_dir(a.out, method, cfg), f"{i:03d}_{j}.png"), im)
@@ -211,7 +211,8 @@ def pictures(client: Client, a, prompts, path: str) -> None:
         caption = prompts[i][0]
         seed = a.seed + 100 * i
         cfg_image = client.txt2img(caption, seed, a.picture_cfg, a.steps, 1, None)[0][0]
-        body = {"enabled": True, "levels": a.levels, "overlay": True, "api_previews": True}
+        body = {"enabled": True, "levels": a.levels, "region": a.region, "overlay": True,
+                "api_previews": True}
         scfg_images = client.txt2img(caption, seed, a.picture_cfg, a.steps, 1, body)[0]
         overlay = scfg_images[1] if len(scfg_images) > 1 else np.zeros_like(scfg_images[0])
         strip = Image.fromarray(np.concatenate([cfg_image, scfg_images[0], _fit(overlay)], 1))
@@ -245,6 +246,8 @@ def main(argv=None):
     ap.add_argument("--levels", default="2,4",
                     help="S-CFG levels: latent/2 + latent/4 give the 16x16 mask grid at 256² that SD1.5's "
                          "default levels give at 512²")
+    ap.add_argument("--region", default="foreground", choices=("foreground", "mean"),
+                    help="S-CFG's benchmark region")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pictures", type=int, default=4)
     ap.add_argument("--picture-cfg", type=float, default=5.0)
@@ -268,7 +271,7 @@ def main(argv=None):
     print(text)
     title = (f"{MODEL} (a small model trained here on synthetic shapes, not Stable Diffusion): "
              f"{a.prompts} held-out prompts x {a.seeds} seeds, Euler {a.steps} steps, "
-             f"S-CFG levels {a.levels}")
+             f"S-CFG levels {a.levels}, region {a.region}")
     plot(rows, os.path.join(a.docs, "quality-tradeoff.png"), title)
     if a.pictures:
         pictures(client, a, prompts, os.path.join(a.docs, "quality-pairs.png"))
