@@ -97,8 +97,8 @@ def crops(imgs: np.ndarray, labs: np.ndarray, c: int, rng: np.random.Generator) 
 
 
 def unet_lr(a, step: int) -> float:
-    """Linear warm-up, then a cosine decay to a.lr_end at a.unet_steps (the last steps at a low rate
-    clean up the samples far more than the same steps at a constant rate)."""
+    """Linear warm-up, then a cosine decay to a.lr_end at a.unet_steps, so that a run of a fixed length
+    ends at a low rate (``--schedule constant``: the warm-up only, as the earlier runs)."""
     warm = min(1.0, (step + 1) / a.warmup)
     if a.schedule == "constant":
         return a.lr * warm
