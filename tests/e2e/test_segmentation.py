@@ -220,8 +220,10 @@ def test_a_batch_gives_each_image_its_own_regions():
 
 # Set from the committed model (bench/quality/fixture, 2026-12-02, A1111 v1.10.1): the weakest cases
 # measured IoU 0.066 (official, square) against controls <= 0.022 (3.0x), and 0.122 (AND, paper)
-# against the other sub-prompt's object 0.058 (2.1x); a row swap, token offset or transposed grid
-# gives the controls' 0.01-0.03. The margins are what this small model allows, not wide.
+# against the other sub-prompt's object 0.058 (2.1x). Mutations measured on the BREAK case: words
+# read one chunk early 0.000, one token late 0.036 (both below MIN_IOU); a transposed grid still
+# scores 0.05 on square images, which the non-square case's grid-shape check catches. The margins
+# are what this small model allows, not wide.
 MIN_IOU, CONTROL_FACTOR = 0.04, 1.5
 
 
