@@ -32,3 +32,13 @@ def checkpoint_titles(models: list[dict], name: str) -> list[str]:
         return title.split(" [")[0].replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
     return [m["title"] for m in models if stem(m["title"]) == name]
+
+
+def decode_png(b64: str):
+    """An image of an API response (base64, with or without a data-URL prefix) as an RGB PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB")

@@ -23,6 +23,7 @@ import pytest
 
 from scfg_ext.params import FIELDS, from_infotext, make_params, to_infotext
 from tests.e2e.client import api_call
+from tests.e2e.client import decode_png as png
 
 URL = os.environ.get("SCFG_A1111_URL", "").rstrip("/")
 pytestmark = [
@@ -79,12 +80,6 @@ def scfg(**values):
     """alwayson_scripts entry: positional args in FIELDS order (enabled unless told otherwise)."""
     params = make_params(**{"enabled": True, **values})
     return {"S-CFG": {"args": [getattr(params, f.name) for f in FIELDS]}}
-
-
-def png(b64):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB")
 
 
 class Result:

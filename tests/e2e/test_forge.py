@@ -27,6 +27,7 @@ import pytest
 
 from scfg_ext.params import FIELDS, infotext_key
 from tests.e2e.client import api_call, hires_modules
+from tests.e2e.client import decode_png as _png
 
 URL = os.environ.get("SCFG_FORGE_URL", "").rstrip("/")
 pytestmark = [
@@ -70,12 +71,6 @@ class Result:
     @property
     def image(self):
         return self.images[0]
-
-
-def _png(b64):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB")
 
 
 def generate(scripts=None, endpoint="txt2img", **overrides):
