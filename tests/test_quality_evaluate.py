@@ -30,3 +30,11 @@ def test_table_has_a_row_per_config_and_the_matched_cfg_for_scfg_rows():
 
 def test_configs_pair_every_scale_and_skip_scfg_at_one():
     assert evaluate.configs([1.0, 3.0]) == [("cfg", 1.0), ("cfg", 3.0), ("scfg", 3.0)]
+
+
+def test_the_background_is_read_back_from_every_caption():
+    from bench.quality import data
+
+    for i in range(40):
+        sample = data.sample(0, i, "any")
+        assert data.background_of(sample.caption) == sample.background

@@ -142,8 +142,7 @@ def main(argv=None):
             im = np.asarray(pipe(cap, height=data.SIZE, width=data.SIZE, num_inference_steps=a.steps,
                                  guidance_scale=cfg, generator=g).images[0])
             imgs.append(im)
-            bg = cap.rsplit(" on a ", 1)[1].split()[0]
-            scores.append(score(detect(im), bg, kinds))
+            scores.append(score(detect(im), data.background_of(cap), kinds))
         res[f"cfg_{cfg:g}"] = summarise(scores)
         per_prompt[cfg] = [s["object_acc"] + s["bg"] for s in scores]
         print(f"cfg {cfg:g}:", res[f"cfg_{cfg:g}"], flush=True)

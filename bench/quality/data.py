@@ -65,6 +65,11 @@ def caption_for(background: str, objects) -> str:
     return f"{body} on a {background} background"
 
 
+def background_of(caption: str) -> str:
+    """The background a caption of ``caption_for`` names ("... on a white background" -> "white")."""
+    return caption.rsplit(" on a ", 1)[1].split()[0]
+
+
 def polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Vertices of the shape inscribed in the disc (cx, cy, r); None for the circle."""
     if shape == "square":

@@ -20,23 +20,15 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 
 import numpy as np
 
 from bench.quality import data, features
-from tests.e2e.client import api_call, checkpoint_titles
+from tests.e2e.client import api_call, checkpoint_titles, decode_png
 
 MODEL = "scfg-shapes-sd15"
-
-
-def decode_png(b64: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -66,7 +58,7 @@ class Client:
         body = {"prompt": prompt, "negative_prompt": "", "seed": seed, "steps": steps, "cfg_scale": cfg,
                 "width": data.SIZE, "height": data.SIZE, "sampler_name": "Euler", "batch_size": batch,
                 "save_images": False, "alwayson_scripts": {"S-CFG": {"args": [scfg or {"enabled": False}]}}}
-        images = [decode_png(b) for b in self.call("/sdapi/v1/txt2img", body)["images"]]
+        images = [np.asarray(decode_png(b)) for b in self.call("/sdapi/v1/txt2img", body)["images"]]
         return images, self.call("/scfg/v1/status")["last_run"]
 
 
@@ -109,18 +101,14 @@ def generate(client: Client, a, prompts) -> list[dict]:
 def real_images(prompts, per_prompt: int, seed: int) -> np.ndarray:
     """Renderings of the prompts' own combinations at random places: the reference distribution."""
     out = []
-    for i, (_, kinds) in enumerate(prompts):
-        background = kinds_background(prompts[i][0])
+    for i, (caption, kinds) in enumerate(prompts):
+        background = data.background_of(caption)
         rng = np.random.default_rng([seed, 777, i])
         while len(out) < (i + 1) * per_prompt:
             objs = data.place(rng, kinds)
             if objs is not None:
                 out.append(data.render(objs, background)[0])
     return np.stack(out)
-
-
-def kinds_background(caption: str) -> str:
-    return caption.rsplit(" on a ", 1)[1].split()[0]
 
 
 def score_configs(a, prompts, runs: list[dict], net) -> list[dict]:
@@ -134,7 +122,7 @@ def score_configs(a, prompts, runs: list[dict], net) -> list[dict]:
             for j in range(a.seeds):
                 im = np.asarray(_load(os.path.join(config_dir(a.out, method, cfg), f"{i:03d}_{j}.png")))
                 images.append(im)
-                scores.append(check.score(check.detect(im), kinds_background(caption), kinds))
+                scores.append(check.score(check.detect(im), data.background_of(caption), kinds))
         rates = [r["rate_mean"] for r in runs if r["method"] == method and r["cfg"] == cfg]
         summary = check.summarise(scores)
         rows.append({"method": method, "cfg": cfg, "effective_cfg": round(cfg * float(np.mean(rates)), 3),
